@@ -1,0 +1,32 @@
+"""coopsgd: Cooperative SGD on JAX.
+
+Every local-update SGD algorithm — fully synchronous SGD, local SGD, EASGD, D-PSGD, decentralized
+periodic averaging, Overlap Local-SGD, time-varying topologies — is one value A(τ, W, v), run by
+one update ``X ← (X + U) W_k`` (Wang & Joshi, "Cooperative SGD", arXiv:1808.07576).
+"""
+
+from coopsgd import mixing, schedules, topology
+from coopsgd.algorithms import (
+    Algorithm,
+    decentralized_periodic,
+    dpsgd,
+    easgd,
+    fully_sync,
+    local_sgd,
+    overlap_local_sgd,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Algorithm",
+    "decentralized_periodic",
+    "dpsgd",
+    "easgd",
+    "fully_sync",
+    "local_sgd",
+    "mixing",
+    "overlap_local_sgd",
+    "schedules",
+    "topology",
+]

@@ -1,0 +1,207 @@
+"""Graphs of decentralized training that networkx lacks, and the graph catalogue by name.
+
+Every function returns a :class:`networkx.Graph` on the nodes ``0..n-1``. Any other graph can be
+passed straight from networkx; :func:`canonical` relabels its nodes ``0..n-1`` in sorted order
+(deterministically, so every worker and host derives the same numbering).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import networkx as nx
+
+__all__ = [
+    "canonical",
+    "exponential",
+    "matchings",
+    "by_name",
+    "TOPOLOGIES",
+]
+
+
+def canonical(graph: nx.Graph) -> nx.Graph:
+    """Return ``graph`` with its nodes relabelled ``0..n-1`` in sorted order.
+
+    A graph already on ``0..n-1`` is returned as an undirected copy. Directed graphs and graphs with
+    self-loops or unsortable node labels are rejected with a ``ValueError``.
+    """
+    if not isinstance(graph, nx.Graph):
+        raise ValueError(f"expected a networkx.Graph, got {type(graph).__name__}")
+    if graph.is_directed():
+        raise ValueError("graph must be undirected (mixing matrices here are built on undirected graphs)")
+    if graph.number_of_nodes() == 0:
+        raise ValueError("graph has no nodes; a topology needs at least one worker")
+    loops = list(nx.selfloop_edges(graph))
+    if loops:
+        raise ValueError(f"graph has self-loops {loops[:3]}; self-weights come from the weight rule")
+    try:
+        order = sorted(graph.nodes)
+    except TypeError as err:
+        raise ValueError(
+            "graph nodes cannot be sorted to number them 0..n-1 deterministically "
+            f"({err}); relabel them with networkx.convert_node_labels_to_integers first"
+        ) from None
+    mapping = {node: i for i, node in enumerate(order)}
+    out = nx.Graph()
+    out.add_nodes_from(range(len(order)))
+    out.add_edges_from((mapping[a], mapping[b]) for a, b in graph.edges)
+    return out
+
+
+def exponential(n: int) -> nx.Graph:
+    """Exponential graph: node ``i`` is linked to ``i ± 2^k (mod n)`` for every ``2^k < n``.
+
+    Degree is about ``2 log2 n`` while the spectral gap stays bounded away from zero.
+
+    References:
+        Ying et al., "Exponential Graph is Provably Efficient for Decentralized Deep Training",
+        NeurIPS 2021 (arXiv:2110.13363).
+
+    Example:
+        >>> sorted(exponential(8).neighbors(0))
+        [1, 2, 4, 6, 7]
+    """
+    n = _node_count(n)
+    graph = nx.Graph()
+    graph.add_nodes_from(range(n))
+    hop = 1
+    while hop < n:
+        for i in range(n):
+            graph.add_edge(i, (i + hop) % n)
+        hop *= 2
+    return graph
+
+
+def matchings(graph: nx.Graph) -> list[list[tuple[int, int]]]:
+    """Split ``graph``'s edges into disjoint matchings whose union is the graph.
+
+    The matchings are the colour classes of a proper edge colouring found by the Misra–Gries
+    algorithm, so there are at most Δ + 1 of them (Vizing's bound; Δ = maximum degree). Each edge
+    appears in exactly one matching, as ``(a, b)`` with ``a < b``; matchings are sorted and
+    non-empty. This is the decomposition MATCHA activates matching by matching, and the one the
+    engine uses to exchange models along a sparse W one permutation at a time.
+
+    References:
+        Misra & Gries, "A constructive proof of Vizing's theorem", IPL 41(3), 1992.
+        Wang et al., "MATCHA", arXiv:1905.09435, §3.
+    """
+    graph = canonical(graph)
+    colouring = _misra_gries(graph)
+    classes: dict[int, list[tuple[int, int]]] = {}
+    for (a, b), colour in colouring.items():
+        classes.setdefault(colour, []).append((min(a, b), max(a, b)))
+    return sorted(sorted(edges) for edges in classes.values())
+
+
+def _misra_gries(graph: nx.Graph) -> dict[tuple[int, int], int]:
+    """Proper edge colouring with at most Δ + 1 colours (Misra & Gries 1992)."""
+    palette = range(max((d for _, d in graph.degree), default=0) + 1)
+    at: dict[int, dict[int, int]] = {x: {} for x in graph.nodes}  # node -> colour -> neighbour
+
+    def colour_of(a, b):
+        for c, y in at[a].items():
+            if y == b:
+                return c
+        return None
+
+    def set_colour(a, b, c):
+        old = colour_of(a, b)
+        if old is not None:
+            del at[a][old], at[b][old]
+        if c is not None:
+            at[a][c] = b
+            at[b][c] = a
+
+    def free(x):
+        return next(c for c in palette if c not in at[x])
+
+    for u, v in sorted(graph.edges):
+        # A maximal fan of u starting at v.
+        fan = [v]
+        while True:
+            last_free = set(palette) - set(at[fan[-1]])
+            nxt = next(
+                (w for w in sorted(graph[u])
+                 if w not in fan and colour_of(u, w) is not None and colour_of(u, w) in last_free),
+                None,
+            )
+            if nxt is None:
+                break
+            fan.append(nxt)
+        c, d = free(u), free(fan[-1])
+        # Invert the cd-path that starts at u (its first edge has colour d, since c is free on u).
+        path, x, want = [], u, d
+        while want in at[x]:
+            y = at[x][want]
+            path.append((x, y, want))
+            x, want = y, (c if want == d else d)
+        for x, y, _ in path:
+            set_colour(x, y, None)
+        for x, y, col in path:
+            set_colour(x, y, c if col == d else d)
+        # The longest prefix of the fan that is still a fan and ends on a node where d is free.
+        end = None
+        for i, w in enumerate(fan):
+            if i > 0 and colour_of(u, w) in at[fan[i - 1]]:
+                break
+            if d not in at[w]:
+                end = i
+                break
+        assert end is not None, "Misra-Gries invariant broken"  # guaranteed by the algorithm's proof
+        # Rotate the prefix and colour its last edge d.
+        shifted = [colour_of(u, w) for w in fan[1 : end + 1]] + [d]
+        for w in fan[: end + 1]:
+            set_colour(u, w, None)
+        for w, colour in zip(fan[: end + 1], shifted):
+            set_colour(u, w, colour)
+    return {(a, b): colour_of(a, b) for a, b in graph.edges}
+
+
+def _node_count(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"number of nodes must be an integer >= 1, got {n!r}")
+    return n
+
+
+def _torus(n: int) -> nx.Graph:
+    side = math.isqrt(n)
+    if side * side != n or side < 3:
+        raise ValueError(f"torus needs n = k*k nodes with k >= 3, got n={n}")
+    return nx.grid_2d_graph(side, side, periodic=True)
+
+
+def _hypercube(n: int) -> nx.Graph:
+    dim = n.bit_length() - 1
+    if n != 1 << dim:
+        raise ValueError(f"hypercube needs n a power of two, got n={n}")
+    return nx.hypercube_graph(dim)
+
+
+def _ring(n: int) -> nx.Graph:
+    if n < 3:
+        return nx.path_graph(n)
+    return nx.cycle_graph(n)
+
+
+TOPOLOGIES: dict[str, Callable[[int], nx.Graph]] = {
+    "ring": _ring,
+    "path": nx.path_graph,
+    "torus": _torus,
+    "hypercube": _hypercube,
+    "star": nx.star_graph,
+    "complete": nx.complete_graph,
+    "exponential": exponential,
+}
+"""Named topologies on ``n`` nodes (``star`` has node 0 as centre)."""
+
+
+def by_name(name: str, n: int) -> nx.Graph:
+    """The named topology on ``n`` nodes ``0..n-1``; see :data:`TOPOLOGIES` for the names."""
+    n = _node_count(n)
+    if name not in TOPOLOGIES:
+        raise ValueError(f"unknown topology {name!r}; valid names: {', '.join(TOPOLOGIES)}")
+    if name == "star":
+        return canonical(nx.star_graph(n - 1))
+    return canonical(TOPOLOGIES[name](n))
