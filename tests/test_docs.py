@@ -1,0 +1,40 @@
+"""The examples in docstrings and in docs/algorithms.md run and print what the docs say."""
+
+import contextlib
+import doctest
+import io
+import pathlib
+import re
+
+import pytest
+
+import coopsgd
+from coopsgd import algorithms, mixing, schedules, topology
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
+
+
+@pytest.mark.parametrize("module", [algorithms, mixing, schedules, topology])
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
+
+
+def test_algorithms_md_worked_example_prints_what_it_says():
+    text = (DOCS / "algorithms.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```\n\nprints\n\n```\n(.*?)```", text, re.S)
+    assert blocks, "docs/algorithms.md lost its worked example"
+    for code, expected in blocks:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "docs/algorithms.md", "exec"), {"__name__": "docs_example"})
+        assert out.getvalue() == expected
+
+
+def test_algorithms_md_table_zetas():
+    # the table's m = 8 column, recomputed
+    assert coopsgd.easgd(8).zeta == pytest.approx(0.8)
+    assert round(coopsgd.dpsgd(topology.by_name("ring", 8)).zeta, 4) == 0.8047
+    assert round(coopsgd.dpsgd(topology.by_name("ring", 8), "best_constant").zeta, 4) == 0.7445
+    assert round(coopsgd.dpsgd(topology.by_name("exponential", 8)).zeta, 4) == 0.3333
+    assert round(coopsgd.Algorithm(schedules.one_peer_exponential(8)).zeta, 4) == 0.8389
