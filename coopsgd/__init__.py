@@ -16,9 +16,13 @@ from coopsgd.algorithms import (
     overlap_local_sgd,
 )
 
+from coopsgd.matcha import MatchaSchedule, matcha  # rebinds coopsgd.matcha to the function
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "MatchaSchedule",
+    "matcha",
     "Algorithm",
     "decentralized_periodic",
     "dpsgd",

@@ -1,0 +1,207 @@
+"""MATCHA: random matchings under a budget (Wang et al., arXiv:1905.09435)."""
+
+import itertools
+
+import networkx as nx
+import numpy as np
+import pytest
+
+import coopsgd
+from coopsgd import mixing, schedules
+from coopsgd.matcha import (
+    MatchaSchedule,
+    activation_probabilities,
+    algebraic_connectivity,
+    best_alpha,
+    expected_laplacian_moments,
+    matching_laplacians,
+)
+
+GRAPHS = {
+    "ring8": nx.cycle_graph(8),
+    "petersen": nx.petersen_graph(),
+    "er16": nx.erdos_renyi_graph(16, 0.4, seed=1),
+}
+
+
+def _laplacian(n, edges):
+    lap = np.zeros((n, n))
+    for a, b in edges:
+        lap[a, a] += 1
+        lap[b, b] += 1
+        lap[a, b] -= 1
+        lap[b, a] -= 1
+    return lap
+
+
+class TestConstructor:
+    def test_importable_from_package(self):
+        algo = coopsgd.matcha(nx.cycle_graph(6), 0.5)
+        assert isinstance(algo, coopsgd.Algorithm)
+        assert isinstance(algo.mixing, MatchaSchedule)
+        assert algo.tau == 1 and algo.v == 0 and algo.m == 6
+        assert not algo.is_static and algo.symmetric
+
+    @pytest.mark.parametrize("budget", [0, -0.1, 1.01, 2, float("nan"), "half"])
+    def test_budget_outside_unit_interval(self, budget):
+        with pytest.raises(ValueError, match="budget"):
+            coopsgd.matcha(nx.cycle_graph(6), budget)
+
+    def test_disconnected_graph(self):
+        graph = nx.union(nx.cycle_graph(3), nx.cycle_graph(3), rename=("a", "b"))
+        with pytest.raises(ValueError, match="connected"):
+            coopsgd.matcha(nx.convert_node_labels_to_integers(graph), 0.5)
+
+    def test_negative_seed(self):
+        with pytest.raises(ValueError, match="seed"):
+            coopsgd.matcha(nx.cycle_graph(6), 0.5, seed=-1)
+
+
+class TestMatchings:
+    def test_laplacians_written_out(self):
+        lap = matching_laplacians(4, [[(0, 1), (2, 3)], [(1, 2)]])
+        expected0 = np.array([[1, -1, 0, 0], [-1, 1, 0, 0], [0, 0, 1, -1], [0, 0, -1, 1]], float)
+        expected1 = np.array([[0, 0, 0, 0], [0, 1, -1, 0], [0, -1, 1, 0], [0, 0, 0, 0]], float)
+        np.testing.assert_array_equal(lap[0], expected0)
+        np.testing.assert_array_equal(lap[1], expected1)
+
+    @pytest.mark.parametrize("name", GRAPHS)
+    def test_laplacians_square_to_twice_themselves_and_sum_to_graph(self, name):
+        sched = MatchaSchedule(GRAPHS[name], 0.5)
+        for lap in sched.laplacians:
+            np.testing.assert_allclose(lap @ lap, 2 * lap)
+        np.testing.assert_allclose(sched.laplacians.sum(0), nx.laplacian_matrix(sched.graph).toarray())
+
+
+class TestProbabilities:
+    @pytest.mark.parametrize("name", GRAPHS)
+    @pytest.mark.parametrize("budget", [0.1, 0.3, 0.5, 0.8])
+    def test_mean_activation_within_budget(self, name, budget):
+        sched = MatchaSchedule(GRAPHS[name], budget)
+        p = sched.probabilities
+        assert np.all(p >= 0) and np.all(p <= 1)
+        assert sched.mean_activation <= budget + 1e-9
+        # lambda_2 is non-decreasing in each p_j, so the optimum spends the whole budget
+        assert sched.mean_activation == pytest.approx(budget, abs=1e-6)
+
+    def test_full_budget_activates_everything(self):
+        sched = MatchaSchedule(GRAPHS["er16"], 1.0)
+        np.testing.assert_array_equal(sched.probabilities, np.ones(sched.num_matchings))
+        for r in range(5):
+            np.testing.assert_allclose(
+                sched.at(r), np.eye(16) - sched.alpha * nx.laplacian_matrix(sched.graph).toarray()
+            )
+
+    def test_not_worse_than_uniform_and_beats_random_feasible_points(self):
+        sched = MatchaSchedule(GRAPHS["er16"], 0.5)
+        lap = sched.laplacians
+        got = algebraic_connectivity(sched.expected_laplacian())
+        uniform = algebraic_connectivity(np.tensordot(np.full(len(lap), 0.5), lap, axes=1))
+        assert got > uniform + 0.1  # the irregular graph rewards unequal probabilities
+        rng = np.random.default_rng(0)
+        for _ in range(200):
+            q = rng.random(len(lap))
+            q *= min(1.0, 0.5 * len(lap) / q.sum())
+            assert algebraic_connectivity(np.tensordot(q, lap, axes=1)) <= got + 1e-9
+
+    def test_path_graph_hand_solution(self):
+        # Path 0-1-2: two matchings {01}, {12}; by symmetry p = (C_b, C_b) is optimal, and
+        # E[L] = C_b * L_path has lambda_2 = C_b * 1.
+        lap = matching_laplacians(3, [[(0, 1)], [(1, 2)]])
+        p = activation_probabilities(lap, 0.4)
+        np.testing.assert_allclose(p, [0.4, 0.4], atol=1e-6)
+        assert algebraic_connectivity(np.tensordot(p, lap, axes=1)) == pytest.approx(0.4, abs=1e-6)
+
+
+class TestAlpha:
+    def test_moments_against_enumeration(self):
+        sched = MatchaSchedule(GRAPHS["petersen"], 0.3)
+        p, lap = sched.probabilities, sched.laplacians
+        mean = np.zeros_like(lap[0])
+        second = np.zeros_like(lap[0])
+        gram = np.zeros_like(lap[0])
+        for bits in itertools.product([0, 1], repeat=len(p)):
+            prob = np.prod([pj if b else 1 - pj for pj, b in zip(p, bits)])
+            l_k = sum(b * lj for b, lj in zip(bits, lap))
+            w = np.eye(len(mean)) - sched.alpha * l_k
+            mean += prob * l_k
+            second += prob * l_k @ l_k
+            gram += prob * w.T @ w
+        got_mean, got_second = expected_laplacian_moments(lap, p)
+        np.testing.assert_allclose(got_mean, mean, atol=1e-12)
+        np.testing.assert_allclose(got_second, second, atol=1e-12)
+        np.testing.assert_allclose(sched.expected_gram(), gram, atol=1e-12)
+
+    def test_alpha_minimises_contraction(self):
+        sched = MatchaSchedule(GRAPHS["er16"], 0.5)
+        rho = sched.contraction()
+        assert 0 < rho < 1
+        _, rho_search = best_alpha(sched.laplacians, sched.probabilities)
+        assert rho == pytest.approx(rho_search, abs=1e-9)
+        for alpha in np.linspace(0.01, 1.0, 100):
+            other = MatchaSchedule(GRAPHS["er16"], 0.5, probabilities=sched.probabilities, alpha=alpha)
+            assert other.contraction() >= rho - 1e-9
+
+    def test_single_edge_hand_value(self):
+        # One edge, p = 1: W = I - alpha L with L = [[1,-1],[-1,1]] has eigenvalue 1 - 2 alpha, so
+        # alpha = 1/2 gives exact averaging and rho = 0.
+        sched = MatchaSchedule(nx.path_graph(2), 1.0)
+        assert sched.alpha == pytest.approx(0.5, abs=1e-8)
+        np.testing.assert_allclose(sched.at(0), np.full((2, 2), 0.5), atol=1e-8)
+        assert sched.contraction() == pytest.approx(0.0, abs=1e-7)
+
+    def test_single_edge_half_budget_hand_value(self):
+        # p = 1/2 on one edge: E[W^2] - J has eigenvalue 1 - 2 alpha*(1/2)*2 + alpha^2 * E[l^2] on
+        # the difference vector, with l in {0, 2}: E[l^2] = 2; so rho(a) = 1 - 2a + 2a^2, min at
+        # a = 1/2, rho = 1/2.
+        sched = MatchaSchedule(nx.path_graph(2), 0.5)
+        np.testing.assert_allclose(sched.probabilities, [0.5])
+        assert sched.alpha == pytest.approx(0.5, abs=1e-7)
+        assert sched.contraction() == pytest.approx(0.5, abs=1e-9)
+
+
+class TestDraws:
+    @pytest.mark.parametrize("name", GRAPHS)
+    def test_every_w_symmetric_doubly_stochastic_on_the_graph(self, name):
+        algo = coopsgd.matcha(GRAPHS[name], 0.4, seed=3)
+        sched = algo.mixing
+        for k in range(30):
+            w = algo.mixing_at(k)
+            mixing.check(w, n=algo.n, symmetric=True)
+            np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-12)
+            assert np.all(sched.support[w != 0])
+            np.testing.assert_allclose(w, np.eye(algo.n) - sched.alpha * sched.laplacian_at(k))
+
+    def test_w_is_identity_minus_alpha_times_active_matchings(self):
+        sched = MatchaSchedule(GRAPHS["ring8"], 0.5, seed=11)
+        for r in range(10):
+            active = np.random.default_rng([11, r]).random(sched.num_matchings) < sched.probabilities
+            lap = sum(_laplacian(8, edges) for edges, on in zip(sched.matchings, active) if on)
+            np.testing.assert_allclose(sched.at(r), np.eye(8) - sched.alpha * lap)
+
+    def test_same_seed_same_draws_in_any_order(self):
+        a = MatchaSchedule(GRAPHS["er16"], 0.5, seed=7)
+        b = MatchaSchedule(GRAPHS["er16"], 0.5, seed=7)
+        forward = [a.at(r) for r in range(20)]
+        backward = [b.at(r) for r in reversed(range(20))][::-1]
+        for x, y in zip(forward, backward):
+            np.testing.assert_array_equal(x, y)
+        c = MatchaSchedule(GRAPHS["er16"], 0.5, seed=8)
+        assert any(not np.array_equal(a.at(r), c.at(r)) for r in range(20))
+
+    def test_empirical_activation_rate_matches_probabilities(self):
+        sched = MatchaSchedule(GRAPHS["er16"], 0.3, seed=0)
+        draws = np.array([sched.active(r) for r in range(4000)])
+        np.testing.assert_allclose(draws.mean(0), sched.probabilities, atol=0.04)
+        assert draws.mean() <= 0.3 + 0.02
+
+    def test_empirical_gram_matches_expected_gram(self):
+        sched = MatchaSchedule(GRAPHS["ring8"], 0.5, seed=0)
+        grams = [sched.at(r).T @ sched.at(r) for r in range(4000)]
+        np.testing.assert_allclose(np.mean(grams, axis=0), sched.expected_gram(), atol=0.03)
+
+    def test_zeta_is_sqrt_contraction(self):
+        algo = coopsgd.matcha(GRAPHS["petersen"], 0.5)
+        assert algo.zeta == pytest.approx(np.sqrt(algo.mixing.contraction()))
+        assert 0 < algo.zeta < 1
+        assert isinstance(algo.mixing, schedules.MixingSchedule) and algo.mixing.cycle is None
