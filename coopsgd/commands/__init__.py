@@ -1,0 +1,23 @@
+"""Subcommands of the ``coopsgd`` command line, one module each.
+
+Each module ``coopsgd.commands.<name>`` exposes ``register(subparsers)`` (adds its parser, named
+``<name>``) and ``run(args) -> int``. :data:`COMMANDS` lists them with a one-line help; the
+dispatcher in :mod:`coopsgd.cli` imports only the module of the command being run, so a missing or
+broken module breaks its own command and no other.
+"""
+
+from __future__ import annotations
+
+__all__ = ["COMMANDS", "CommandError"]
+
+COMMANDS: dict[str, str] = {
+    "compare": "train several algorithms on the same data and compare loss, accuracy, communication and time",
+    "train": "one training run from a TOML configuration file",
+    "topology": "a named graph's mixing matrix W: summary, zeta, spectral gap, optional drawing",
+    "verify": "run an algorithm beside its convergence bound",
+}
+"""Command name → one-line help."""
+
+
+class CommandError(Exception):
+    """Bad input found by a command: the CLI prints the message on one line and exits with 2."""

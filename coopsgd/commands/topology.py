@@ -1,0 +1,98 @@
+"""``coopsgd topology NAME --nodes N [--weights RULE] [--draw out.png]``: inspect a mixing matrix.
+
+Prints the graph's size and degrees, W's entries, ζ (the second-largest eigenvalue modulus, Wang &
+Joshi, Cooperative SGD, Assumption 4) and the spectral gap 1 − ζ; optionally draws the graph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from coopsgd import mixing, topology
+from coopsgd.commands import CommandError
+
+__all__ = ["register", "run", "summary"]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "topology",
+        help="a named graph's mixing matrix W: summary, zeta, spectral gap, optional drawing",
+        description="Build the named topology on N nodes, weight it by RULE and print W's summary, "
+        "zeta and the spectral gap.",
+    )
+    p.add_argument("name", metavar="NAME", help=f"one of: {', '.join(topology.TOPOLOGIES)}")
+    p.add_argument("--nodes", "-n", type=int, required=True, metavar="N", help="number of nodes (>= 1)")
+    rules = [*mixing.WEIGHT_RULES, *(f"lazy_{r}" for r in mixing.WEIGHT_RULES)]
+    p.add_argument("--weights", default="metropolis", metavar="RULE",
+                   help=f"weight rule (default metropolis): {', '.join(rules)}")
+    p.add_argument("--draw", metavar="PNG", help="save a drawing of the graph (edge width ~ weight)")
+    p.add_argument("--matrix", action="store_true", help="also print W itself")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def summary(name: str, nodes: int, weights: str = "metropolis"):
+    """``(graph, W, facts)`` for the named topology; ``facts`` is a JSON-ready dict."""
+    graph = topology.by_name(name, nodes)
+    w = mixing.from_graph(graph, weights)
+    degrees = [d for _, d in graph.degree]
+    off = w[~np.eye(len(w), dtype=bool)]
+    z = mixing.zeta(w)
+    facts = {
+        "topology": name,
+        "nodes": graph.number_of_nodes(),
+        "edges": graph.number_of_edges(),
+        "degree_min": int(min(degrees)),
+        "degree_max": int(max(degrees)),
+        "weights": weights,
+        "symmetric": bool(np.allclose(w, w.T, atol=mixing.ATOL)),
+        "doubly_stochastic": bool(np.allclose(w.sum(0), 1) and np.allclose(w.sum(1), 1)),
+        "self_weight_min": float(np.diag(w).min()),
+        "self_weight_max": float(np.diag(w).max()),
+        "edge_weight_min": float(off[off != 0].min()) if np.any(off != 0) else 0.0,
+        "edge_weight_max": float(off[off != 0].max()) if np.any(off != 0) else 0.0,
+        "nonzeros": int(np.count_nonzero(w)),
+        "zeta": z,
+        "spectral_gap": 1.0 - z,
+    }
+    return graph, w, facts
+
+
+def run(args) -> int:
+    if args.nodes < 1:
+        raise CommandError(f"--nodes must be >= 1, got {args.nodes}")
+    if args.draw:
+        folder = os.path.dirname(os.path.abspath(args.draw)) or "."
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise CommandError(f"cannot write the drawing {args.draw!r}: folder {folder!r} is not writable")
+    graph, w, facts = summary(args.name, args.nodes, args.weights)
+    if args.draw:
+        from coopsgd.plotting import plot_topology
+
+        plot_topology(graph, w, args.draw,
+                      title=f"{args.name}, n = {args.nodes}, {args.weights}: ζ = {facts['zeta']:.4f}")
+        facts["drawing"] = args.draw
+    if args.json:
+        out = dict(facts)
+        if args.matrix:
+            out["W"] = w.tolist()
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"topology      {facts['topology']} on {facts['nodes']} nodes, {facts['edges']} edges, "
+          f"degree {facts['degree_min']}..{facts['degree_max']}")
+    print(f"weights       {facts['weights']}: self {facts['self_weight_min']:.4g}..{facts['self_weight_max']:.4g}, "
+          f"edges {facts['edge_weight_min']:.4g}..{facts['edge_weight_max']:.4g}, "
+          f"{facts['nonzeros']} non-zeros")
+    print(f"W             {facts['nodes']}x{facts['nodes']}, symmetric={facts['symmetric']}, "
+          f"doubly stochastic={facts['doubly_stochastic']}")
+    print(f"zeta          {facts['zeta']:.6f}")
+    print(f"spectral gap  {facts['spectral_gap']:.6f}")
+    if args.matrix:
+        with np.printoptions(precision=4, suppress=True, linewidth=160):
+            print(w)
+    if args.draw:
+        print(f"drawing       {args.draw}")
+    return 0
