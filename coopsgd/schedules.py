@@ -249,3 +249,17 @@ def one_peer_exponential(n: int) -> MixingSchedule:
 def as_mixing(w) -> MixingSchedule:
     """A MixingSchedule is kept; a matrix becomes a static schedule."""
     return w if isinstance(w, MixingSchedule) else static(w)
+
+
+# Adaptive periods live in coopsgd.adaptive (which imports this module); they are re-exported here
+# lazily (PEP 562) so that importing schedules stays light and free of import cycles.
+_ADAPTIVE_NAMES = ("adacomm_period", "adacomm", "AdaComm", "adpsgd", "ADPSGD")
+__all__ += list(_ADAPTIVE_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _ADAPTIVE_NAMES:
+        from coopsgd import adaptive
+
+        return getattr(adaptive, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

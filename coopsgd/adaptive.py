@@ -1,0 +1,322 @@
+"""Adaptive communication periods: AdaComm (τ shrinks as the loss falls) and ADPSGD (τ grows as the
+workers' models agree).
+
+Both are :class:`~coopsgd.schedules.PeriodSchedule` subclasses that decide each round's period on
+the host, at run time, from measurements the training loop feeds them:
+
+- the engine asks ``tau_at(start_step)`` once per round, in order, just before running it (a round
+  keeps the period it was given; asking far ahead freezes the current period for those rounds);
+- after each round the training loop calls ``observe(**metrics)`` with the keywords the schedule
+  documents (``loss``, ``time``, ``lr`` for AdaComm; ``consensus`` for ADPSGD). Both accept and
+  ignore extra keywords, so a loop may pass one metrics dict to any adaptive schedule.
+
+Plain NumPy/Python; nothing here is traced by JAX.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from coopsgd.schedules import PeriodSchedule, require_int
+
+__all__ = [
+    "adacomm_period",
+    "AdaComm",
+    "adacomm",
+    "ADPSGD",
+    "adpsgd",
+    "consensus_distance",
+]
+
+_CEIL_SLACK = 1e-9
+"""Relative slack so that ⌈x⌉ of a value that is an integer up to round-off (e.g. √0.36 · 10) is
+that integer, not the next one."""
+
+
+def _finite(name: str, value, *, positive: bool, rule: str) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number ({rule}), got {value!r}") from None
+    if not math.isfinite(x) or x < 0 or (positive and x == 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} and finite ({rule}), got {value!r}")
+    return x
+
+
+def adacomm_period(tau0: int, loss0: float, loss: float, lr0: float = 1.0, lr: float = 1.0) -> int:
+    """AdaComm's period for the next wall-clock interval (Wang & Joshi, AdaComm, arXiv:1810.08313,
+    eq. (14) and its learning-rate form, eq. (17))::
+
+        τ_l = ⌈ sqrt( (η_0 / η_l) · F(x_l) / F(x_0) ) · τ_0 ⌉,   at least 1.
+
+    ``F(x_l)`` is the worker-averaged training loss at the start of interval ``l`` and ``F(x_0)``
+    the initial one; with a constant learning rate the η factor is 1. τ shrinks as the loss falls
+    and grows when the learning rate decays.
+
+    Args:
+        tau0: the initial period τ_0 ≥ 1.
+        loss0: F(x_0) > 0.
+        loss: F(x_l) ≥ 0.
+        lr0, lr: the initial and the current learning rate (> 0).
+
+    Example:
+        >>> adacomm_period(10, loss0=2.0, loss=0.5)        # ⌈sqrt(1/4)·10⌉
+        5
+        >>> adacomm_period(10, 2.0, 0.5, lr0=0.1, lr=0.01)  # ⌈sqrt(10/4)·10⌉ = ⌈15.81⌉
+        16
+    """
+    tau0 = require_int("AdaComm tau0", tau0, 1)
+    rule = "AdaComm: tau_l = ceil(sqrt((lr0/lr) * loss/loss0) * tau0)"
+    loss0 = _finite("AdaComm loss0", loss0, positive=True, rule=rule)
+    loss = _finite("AdaComm loss", loss, positive=False, rule=rule)
+    lr0 = _finite("AdaComm lr0", lr0, positive=True, rule=rule)
+    lr = _finite("AdaComm lr", lr, positive=True, rule=rule)
+    x = math.sqrt((lr0 / lr) * (loss / loss0)) * tau0
+    return max(1, math.ceil(x - _CEIL_SLACK * max(1.0, x)))
+
+
+class AdaComm(PeriodSchedule):
+    """AdaComm's adaptive period: τ is recomputed every ``interval`` of (simulated) wall-clock time
+    from the worker-averaged training loss by :func:`adacomm_period`.
+
+    Host-side and stateful. Protocol: the engine asks ``tau_at(start_step)`` round by round; after
+    each round the loop calls ``observe(loss=…, time=…, lr=…)`` with the worker-averaged training
+    loss, the simulated wall-clock time at the end of the round (e.g. from
+    :mod:`coopsgd.runtime`), and the learning rate in use. When ``time`` reaches the next interval
+    boundary ``l · interval``, the period for the following rounds becomes
+    ``adacomm_period(tau0, loss0, loss, lr0, lr)``; the next boundary is the first multiple of
+    ``interval`` after ``time``.
+
+    Args:
+        tau0: the initial period τ_0 ≥ 1 (the paper picks it by a short grid search).
+        interval: T_0 > 0, the wall-clock length of an interval.
+        loss0: F(x_0); by default the first observed loss.
+        lr0: η_0; by default the first observed ``lr`` (or ``lr_schedule(0)``), else 1.
+        lr_schedule: optional ``step -> η`` (e.g. an optax schedule) used when ``observe`` is given
+            a ``step`` but no ``lr``.
+        tau_max: optional upper cap on τ.
+
+    Attributes:
+        history: one ``dict(time, loss, lr, tau)`` per interval update.
+
+    References:
+        Wang & Joshi, "Adaptive Communication Strategies to Achieve the Best Error-Runtime
+        Trade-off in Local-Update SGD", SysML 2019, arXiv:1810.08313, §4.
+    """
+
+    def __init__(self, tau0: int, interval: float, *, loss0: float | None = None, lr0: float | None = None,
+                 lr_schedule: Callable[[int], float] | None = None, tau_max: int | None = None):
+        self.tau0 = require_int("AdaComm tau0", tau0, 1)
+        self.interval = _finite("AdaComm interval", interval, positive=True,
+                                rule="wall-clock length between period updates")
+        self.tau_max = None if tau_max is None else require_int("AdaComm tau_max", tau_max, self.tau0)
+        if lr_schedule is not None and not callable(lr_schedule):
+            raise ValueError(f"AdaComm lr_schedule must be a callable step -> lr, got {lr_schedule!r}")
+        self.lr_schedule = lr_schedule
+        self.loss0 = None if loss0 is None else _finite("AdaComm loss0", loss0, positive=True,
+                                                       rule="the initial training loss")
+        self.lr0 = None if lr0 is None else _finite("AdaComm lr0", lr0, positive=True,
+                                                   rule="the initial learning rate")
+        self.tau = self.tau0
+        self.next_update = self.interval
+        self.last_time = 0.0
+        self.history: list[dict] = []
+        self._assigned: dict[int, int] = {}
+        super().__init__(self._decide, f"AdaComm(tau0={self.tau0}, interval={self.interval:g})")
+
+    def _decide(self, start_step: int) -> int:
+        if start_step not in self._assigned:
+            self._assigned[start_step] = self.tau
+        return self._assigned[start_step]
+
+    def _lr(self, lr, step) -> float | None:
+        if lr is not None:
+            return _finite("AdaComm lr", lr, positive=True, rule="the current learning rate")
+        if self.lr_schedule is not None and step is not None:
+            return _finite("AdaComm lr_schedule(step)", self.lr_schedule(step), positive=True,
+                           rule="the current learning rate")
+        return None
+
+    def observe(self, *, loss: float, time: float, lr: float | None = None, step: int | None = None,
+                **_ignored) -> int:
+        """Record the state after a round; returns the period the next round will use.
+
+        Args:
+            loss: the worker-averaged training loss F(x) now.
+            time: simulated wall-clock time now (non-decreasing across calls).
+            lr: the learning rate in use now; if omitted, ``lr_schedule(step)`` when both exist,
+                else the learning-rate factor is 1.
+            step: the number of local steps done so far (only used with ``lr_schedule``).
+        """
+        loss = _finite("AdaComm loss", loss, positive=False, rule="the worker-averaged training loss")
+        time = _finite("AdaComm time", time, positive=False, rule="simulated wall-clock time")
+        if time < self.last_time:
+            raise ValueError(f"AdaComm time must not decrease: got {time!r} after {self.last_time!r}")
+        self.last_time = time
+        lr = self._lr(lr, step)
+        if self.lr0 is None:
+            if lr is not None:
+                self.lr0 = lr
+            elif self.lr_schedule is not None:
+                self.lr0 = self._lr(None, 0)
+        if self.loss0 is None:
+            if loss == 0:
+                raise ValueError("AdaComm loss0 (the first observed loss) must be > 0, got 0.0")
+            self.loss0 = loss
+        if time >= self.next_update:
+            lr0 = self.lr0 if self.lr0 is not None else 1.0
+            tau = adacomm_period(self.tau0, self.loss0, loss, lr0, lr if lr is not None else lr0)
+            self.tau = min(tau, self.tau_max) if self.tau_max is not None else tau
+            self.history.append(dict(time=time, loss=loss, lr=lr, tau=self.tau))
+            self.next_update = (math.floor(time / self.interval) + 1) * self.interval
+        return self.tau
+
+
+def adacomm(tau0: int, interval: float, **kwargs) -> AdaComm:
+    """An :class:`AdaComm` period schedule (see there for keywords and the ``observe`` protocol)."""
+    return AdaComm(tau0, interval, **kwargs)
+
+
+class ADPSGD(PeriodSchedule):
+    """Adaptive periodic averaging: the period grows as the workers' models drift apart more slowly,
+    under a budget of averagings (after Jiang & Agrawal, ADPSGD, arXiv:2007.06134).
+
+    The paper's argument: the error of periodic averaging is governed by the variance of the
+    parameters across workers, which is large early in training and small later, so under a fixed
+    budget of averagings it pays to average often early and rarely late. Its exact schedule is not
+    pinned down here; this class implements the following rule (coopsgd's choice).
+
+    **Rule.** After round ``r`` (period ``τ_r``) the loop reports the consensus distance just before
+    the averaging, ``Δ_r = (1/m) Σ_i ‖x_i − x̄‖²`` (see :func:`consensus_distance`). Since exact
+    averaging resets Δ to 0, Δ grows roughly linearly over a round, at rate ``ρ_r = Δ_r / τ_r``.
+    The target ``Δ*`` is the disagreement tolerated per round (by default the first measured
+    ``Δ_0``, i.e. the disagreement ``τ_0`` steps produce at the start). The next period is the
+    longest one predicted to stay within the target, never shorter than the current one and
+    growing by at most ``max_growth`` per round::
+
+        τ_{r+1} = min( max(τ_r, ⌊Δ* / ρ_r⌋), cap_r, tau_max ),
+        cap_r = max(⌊max_growth · τ_r⌋, τ_r + 1)   (cap_r = τ_r if max_growth = 1).
+
+    **Budget.** With ``budget`` averagings over ``total_steps`` steps, a round starting at step
+    ``s`` when ``b`` averagings remain gets at least ``⌈(total_steps − s) / b⌉`` steps (and at most
+    ``total_steps − s``, so the last round ends exactly at ``total_steps``). By induction at most
+    ``budget`` rounds fit in ``total_steps``; the budget floor wins over ``tau_max``, and a period
+    raised by the floor stays raised. Apart from that final truncation to the horizon the period
+    never shrinks. After ``total_steps`` the last period is kept.
+
+    Args:
+        tau0: the first period τ_0 ≥ 1.
+        total_steps: the horizon K ≥ 1 over which the budget counts.
+        budget: the number of averagings allowed in ``total_steps`` (≥ 1).
+        target: Δ* > 0; default: the first measured Δ.
+        max_growth: the largest factor by which τ may grow in one round (≥ 1).
+        tau_max: optional cap on τ (≥ τ_0).
+
+    Attributes:
+        history: one ``dict(start, tau, consensus, rate)`` per observed round.
+        averagings: number of rounds assigned so far that start before ``total_steps``.
+
+    References:
+        Jiang & Agrawal, "Adaptive Periodic Averaging: A Practical Approach to Reducing
+        Communication in Distributed Learning", arXiv:2007.06134, §3 (argument), coopsgd's rule.
+    """
+
+    def __init__(self, tau0: int, total_steps: int, budget: int, *, target: float | None = None,
+                 max_growth: float = 2.0, tau_max: int | None = None):
+        self.tau0 = require_int("ADPSGD tau0", tau0, 1)
+        self.total_steps = require_int("ADPSGD total_steps", total_steps, 1)
+        self.budget = require_int("ADPSGD budget (number of averagings)", budget, 1)
+        self.target = None if target is None else _finite("ADPSGD target", target, positive=True,
+                                                         rule="the tolerated consensus distance")
+        self.max_growth = _finite("ADPSGD max_growth", max_growth, positive=True,
+                                  rule="largest growth factor of tau per round")
+        if self.max_growth < 1.0:
+            raise ValueError(f"ADPSGD max_growth must be >= 1 (the period never shrinks), got {max_growth!r}")
+        self.tau_max = None if tau_max is None else require_int("ADPSGD tau_max", tau_max, self.tau0)
+        self.tau = self.tau0
+        self.history: list[dict] = []
+        self.averagings = 0
+        self._assigned: dict[int, int] = {}
+        self._last_start: int | None = None
+        super().__init__(self._decide, f"ADPSGD(tau0={self.tau0}, budget={self.budget}/{self.total_steps})")
+
+    def _decide(self, start_step: int) -> int:
+        if start_step in self._assigned:
+            return self._assigned[start_step]
+        if self._last_start is not None and start_step < self._last_start:
+            raise ValueError(
+                f"ADPSGD assigns rounds in order: asked for a round at step {start_step} after one "
+                f"at step {self._last_start}"
+            )
+        tau = self.tau
+        remaining = self.total_steps - start_step
+        if remaining > 0:
+            left = self.budget - self.averagings
+            tau = max(tau, -(-remaining // left))
+            self.tau = tau  # the floor raises the period for later rounds too: it never shrinks
+            tau = min(tau, remaining)
+            self.averagings += 1
+        self._assigned[start_step] = tau
+        self._last_start = start_step
+        return tau
+
+    def observe(self, *, consensus: float, tau: int | None = None, **_ignored) -> int:
+        """Record the consensus distance measured just before the last round's averaging.
+
+        Args:
+            consensus: Δ = (1/m) Σ_i ‖x_i − x̄‖² before the averaging that ended the round.
+            tau: that round's length; by default the period of the last round assigned.
+
+        Returns:
+            the period the next round will (at least, under the budget floor) use.
+        """
+        delta = _finite("ADPSGD consensus", consensus, positive=False,
+                        rule="the consensus distance (1/m) sum ||x_i - mean||^2")
+        if tau is None:
+            if self._last_start is None:
+                raise ValueError("ADPSGD.observe called before any round was assigned; pass tau=")
+            tau = self._assigned[self._last_start]
+        tau = require_int("ADPSGD observed tau", tau, 1)
+        rate = delta / tau
+        if self.target is None:
+            if delta == 0:
+                raise ValueError("ADPSGD target (the first measured consensus distance) must be > 0, got 0.0")
+            self.target = delta
+        proposed = math.inf if rate == 0 else math.floor(self.target / rate + _CEIL_SLACK)
+        cap = math.floor(self.max_growth * self.tau + _CEIL_SLACK)
+        if self.max_growth > 1.0:
+            cap = max(cap, self.tau + 1)  # a small τ can still grow by one step
+        new = min(max(self.tau, proposed), cap)
+        if self.tau_max is not None:
+            new = min(new, self.tau_max)
+        self.tau = max(self.tau, int(new))
+        start = self._last_start if self._last_start is not None else 0
+        self.history.append(dict(start=start, tau=tau, consensus=delta, rate=rate))
+        return self.tau
+
+
+def adpsgd(tau0: int, total_steps: int, budget: int, **kwargs) -> ADPSGD:
+    """An :class:`ADPSGD` period schedule (see there for the rule and keywords)."""
+    return ADPSGD(tau0, total_steps, budget, **kwargs)
+
+
+def consensus_distance(params, num_workers: int | None = None):
+    """``(1/m) Σ_i ‖x_i − x̄‖²`` over a pytree whose leaves have the worker axis first.
+
+    ``num_workers`` takes the first ``m`` rows only (drop auxiliary columns such as an anchor).
+    Works on NumPy arrays and inside ``jax.jit`` (uses ``jax.numpy``).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    total = 0.0
+    for leaf in jax.tree.leaves(params):
+        x = jnp.asarray(leaf)
+        if num_workers is not None:
+            x = x[:num_workers]
+        x = x.reshape(x.shape[0], -1)
+        total = total + jnp.sum((x - jnp.mean(x, axis=0)) ** 2) / x.shape[0]
+    return total
