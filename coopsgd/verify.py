@@ -1,0 +1,368 @@
+"""Put a run beside its bound: the numerical verification harness of Cooperative SGD's Theorem 1.
+
+:func:`check_bound` runs the engine users run (:class:`coopsgd.CooperativeSGD` with plain SGD,
+never a second implementation of the algorithms) on a problem with known constants
+(:mod:`coopsgd.problems`), for many seeds at once (vmapped), and compares the measured
+``(1/K) Σ_{k=1..K} E‖∇F(u_k)‖²`` of the averaged model ``u_k = X_k 1/n`` with
+:func:`coopsgd.theory.bound_for`.
+
+:func:`exact_expected_error` computes the same expectation without sampling for a quadratic: the
+dynamics are linear, so the mean and covariance of every column follow exact recursions (math.md §1,
+last bullet; [derived]). It is the reference the Monte-Carlo harness is tested against.
+
+:func:`sweep` runs grids over τ, topology (ζ), η and m; :func:`format_table` and :func:`plot`
+turn the reports into a Markdown table and a log-scale figure.
+
+References:
+    Wang & Joshi, "Cooperative SGD", JMLR 22(213), 2021, arXiv:1808.07576, Theorem 1 [recalled].
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from coopsgd import problems as _problems
+from coopsgd import theory
+
+__all__ = [
+    "BoundCheck",
+    "check_bound",
+    "exact_error_curve",
+    "exact_expected_error",
+    "sweep",
+    "format_table",
+    "plot",
+]
+
+
+class BoundCheck(NamedTuple):
+    """One run beside its bound.
+
+    ``holds`` is ``empirical <= bound.total`` (and ``exact <= bound.total`` where the exact value is
+    known), with no allowance for sampling error. ``applies`` says whether the theorem's
+    assumptions hold for this run (identical data across workers and η within
+    :func:`coopsgd.theory.lr_condition`); a row that does not hold where it applies is a violation
+    (:attr:`violated`), i.e. a finding.
+    """
+
+    algorithm: str
+    problem: str
+    m: int
+    tau: int
+    v: int
+    zeta: float
+    eta: float
+    K: int
+    seeds: int
+    empirical: float
+    stderr: float
+    exact: float | None
+    bound: theory.Bound
+    ratio: float
+    holds: bool
+    applies: bool
+    lr_ok: bool
+    eta_max: float
+    note: str
+    label: str = ""
+
+    @property
+    def violated(self) -> bool:
+        return self.applies and not self.holds
+
+    def as_dict(self) -> dict:
+        d = self._asdict()
+        d["bound"] = self.bound._asdict()
+        d["violated"] = self.violated
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# the exact reference for quadratics
+
+
+def _check_run_args(algorithm, eta, K):
+    try:
+        eta_f = float(eta)
+    except (TypeError, ValueError):
+        raise ValueError(f"eta must be a real number, got {eta!r}") from None
+    if not (math.isfinite(eta_f) and eta_f > 0):
+        raise ValueError(f"eta must be finite and > 0 (a learning rate), got eta = {eta!r}")
+    if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or K < 1:
+        raise ValueError(f"K (number of steps) must be an integer >= 1, got {K!r}")
+    if not hasattr(algorithm, "mixing_at"):
+        raise ValueError(f"expected a coopsgd.Algorithm, got {type(algorithm).__name__}")
+    return eta_f, int(K)
+
+
+def exact_error_curve(algorithm, problem, eta, K) -> np.ndarray:
+    """``E‖∇F(u_k)‖²`` for ``k = 1..K`` (array of length K), exactly, for a quadratic problem.
+
+    With ``A = Q Λ Qᵀ`` each eigen-coordinate ``j`` evolves on its own: the row ``y ∈ Rⁿ`` of
+    coordinate ``j`` across the n columns follows (math.md §1, [derived])::
+
+        y_{k+1} = (y_k − η (λ_j (y_k − y_j*) + ξ_k) P) W_k,   ξ_k ~ N(0, σ²/d · I_n)
+
+    with ``P = diag(1_m, 0_v)`` (auxiliary columns get no gradient). Hence, with
+    ``D_j = I − ηλ_j P``, the mean ``μ`` and covariance ``Σ`` of y obey::
+
+        μ_{k+1} = (μ_k D_j + ηλ_j y_j* P) W_k
+        Σ_{k+1} = W_kᵀ D_j Σ_k D_j W_k + η² σ²/d · W_kᵀ P W_k
+
+    and ``E‖∇F(u_k)‖² = Σ_j λ_j² [(μ_k 1/n − x̄*_j)² + 1ᵀΣ_k 1 / n²]`` with ``u_k = X_k 1/n``.
+    W_k comes from ``algorithm.mixing_at(k)``, so any period and any deterministic (static, cyclic,
+    or seeded) schedule is exact; a seeded random schedule (MATCHA) gives the expectation given its
+    realised W_k. All columns start at ``problem.x0``.
+    """
+    if not isinstance(problem, _problems.Quadratic):
+        raise ValueError(
+            f"the exact recursion needs a quadratic problem (linear dynamics), got {type(problem).__name__}"
+        )
+    eta, K = _check_run_args(algorithm, eta, K)
+    problem.check_workers(algorithm.m)
+    n, m, d = algorithm.n, algorithm.m, problem.d
+    lam = problem.eigenvalues  # (d,)
+    p = np.zeros(n)
+    p[:m] = 1.0
+    opt = problem._to_eig(problem.optima)  # (m or 1, d)
+    ystar = np.zeros((d, n))
+    ystar[:, :m] = opt.T if len(opt) == m else opt[0][:, None]
+    xbar = opt.mean(axis=0)  # (d,)
+    mu = np.repeat(problem._to_eig(problem.x0)[:, None], n, axis=1)  # (d, n)
+    cov = np.zeros((d, n, n))
+    dvec = 1.0 - eta * lam[:, None] * p[None, :]  # (d, n): diagonal of D_j
+    drive = eta * lam[:, None] * ystar * p[None, :]  # (d, n)
+    noise = eta**2 * problem.sigma2 / d
+    ddouter = dvec[:, :, None] * dvec[:, None, :]
+    pw_cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+    out = np.empty(K)
+    for k in range(K):
+        u = mu.mean(axis=1)
+        out[k] = float(np.sum(lam**2 * ((u - xbar) ** 2 + cov.sum(axis=(1, 2)) / n**2)))
+        w = algorithm.mixing_at(k)
+        mu = mu * dvec + drive
+        cov = cov * ddouter
+        key = w.tobytes()
+        if key not in pw_cache:
+            pw_cache[key] = (None if np.array_equal(w, np.eye(n)) else w, w.T @ (p[:, None] * w))
+        wk, wpw = pw_cache[key]
+        if wk is not None:
+            mu = mu @ wk
+            cov = wk.T @ cov @ wk
+        cov = cov + noise * wpw
+    return out
+
+
+def exact_expected_error(algorithm, problem, eta, K) -> float:
+    """``(1/K) Σ_{k=1..K} E‖∇F(u_k)‖²`` for a quadratic, without sampling (:func:`exact_error_curve`)."""
+    return float(exact_error_curve(algorithm, problem, eta, K).mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# the Monte-Carlo harness on the real engine
+
+
+def _seed_keys(seeds, key):
+    import jax
+
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+        if seeds < 2:
+            raise ValueError(f"seeds must be >= 2 to estimate a standard error, got seeds = {seeds}")
+        return jax.random.split(jax.random.PRNGKey(key), int(seeds))
+    arr = np.asarray(list(seeds) if not isinstance(seeds, np.ndarray) else seeds)
+    if arr.ndim != 1 or len(arr) < 2 or arr.dtype.kind not in "iu":
+        raise ValueError(f"seeds must be a count >= 2 or a list of >= 2 integer seeds, got {seeds!r}")
+    return jax.vmap(jax.random.PRNGKey)(arr)
+
+
+def gradient_norms(algorithm, problem, eta, K, seeds=100, *, key: int = 0):
+    """``‖∇F(u_k)‖²`` for every seed and step, shape ``(seeds, K)``: the engine's plain-SGD run of
+    ``algorithm`` on ``problem`` from ``problem.x0``, all seeds in one vmapped, compiled call."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from coopsgd.engine import CooperativeSGD
+
+    eta, K = _check_run_args(algorithm, eta, K)
+    problem.check_workers(algorithm.m)
+    keys = _seed_keys(seeds, key)
+    engine = CooperativeSGD(algorithm, optax.sgd(eta), problem.loss_fn)
+    state0 = engine.init(jnp.asarray(problem.x0, jnp.float32))
+    m = algorithm.m
+
+    def one_seed(seed_key):
+        def body(state, k):
+            g2 = problem.grad_norm_sq(engine.average(state))
+            batch = problem.batch(jax.random.fold_in(seed_key, k), m)
+            state, _ = engine.step(state, batch)
+            return state, g2
+
+        _, g2 = jax.lax.scan(body, state0, jnp.arange(K))
+        return g2
+
+    return np.asarray(jax.jit(jax.vmap(one_seed))(keys), dtype=np.float64)
+
+
+def check_bound(algorithm, problem, eta, K, seeds=100, *, key: int = 0, exact: bool | None = None,
+                label: str = "") -> BoundCheck:
+    """Run ``algorithm`` on ``problem`` for ``K`` steps and ``seeds`` seeds; compare with the bound.
+
+    Args:
+        algorithm: a :class:`coopsgd.Algorithm` within Theorem 1 (symmetric W, constant τ, ζ < 1).
+        problem: a :class:`coopsgd.problems.Problem`.
+        eta: learning rate of plain SGD on every worker.
+        K: number of iterations.
+        seeds: number of seeds (≥ 2), or a list of integer seeds; vmapped.
+        key: base PRNG seed when ``seeds`` is a count.
+        exact: also compute :func:`exact_expected_error` (default: for quadratics).
+        label: a name for the row (defaults to the algorithm's).
+
+    Returns:
+        :class:`BoundCheck` with ``empirical`` (mean over seeds of ``(1/K)Σ‖∇F(u_k)‖²``), its
+        ``stderr``, the ``bound``, ``ratio = empirical / bound.total`` and ``holds``.
+
+    Raises:
+        ValueError: if the theorem does not apply to the algorithm (non-symmetric W, varying τ,
+            ζ ≥ 1) or an argument is bad.
+
+    Example:
+        >>> import coopsgd
+        >>> from coopsgd import problems, verify
+        >>> r = verify.check_bound(coopsgd.local_sgd(4, tau=4), problems.quadratic(10), 0.1, 100, 20)
+        >>> r.holds
+        True
+    """
+    eta, K = _check_run_args(algorithm, eta, K)
+    problem.check_workers(algorithm.m)
+    bound = theory.bound_for(
+        algorithm, L=problem.L, sigma2=problem.sigma2, f_gap=problem.f_gap, eta=eta, K=K, warn=False
+    )
+    m, tau, v = algorithm.m, algorithm.tau, algorithm.v
+    zeta = float(algorithm.zeta)
+    cond = theory.lr_condition(L=problem.L, eta=eta, m=m, tau=tau, zeta=zeta, v=v)
+    notes = []
+    if not cond.ok:
+        warnings.warn(
+            f"eta = {eta:g} is outside the step-size condition (largest eta: {cond.eta_max:.4g}); "
+            "the bound is not claimed there",
+            theory.StepSizeWarning,
+            stacklevel=2,
+        )
+        notes.append(f"eta > eta_max = {cond.eta_max:.4g}")
+    if problem.heterogeneity > 0:
+        notes.append("per-worker optima: gradients biased for grad F, outside Theorem 1")
+    g2 = gradient_norms(algorithm, problem, eta, K, seeds, key=key)
+    per_seed = g2.mean(axis=1)
+    empirical = float(per_seed.mean())
+    stderr = float(per_seed.std(ddof=1) / math.sqrt(len(per_seed)))
+    exact_value = None
+    if exact or (exact is None and isinstance(problem, _problems.Quadratic)):
+        exact_value = exact_expected_error(algorithm, problem, eta, K)
+    finite = math.isfinite(empirical)
+    holds = finite and empirical <= bound.total and (exact_value is None or exact_value <= bound.total)
+    if not finite:
+        notes.append("the run diverged (non-finite gradient norms)")
+    return BoundCheck(
+        algorithm=algorithm.name,
+        problem=problem.name,
+        m=m,
+        tau=tau,
+        v=v,
+        zeta=zeta,
+        eta=eta,
+        K=K,
+        seeds=len(per_seed),
+        empirical=empirical,
+        stderr=stderr,
+        exact=exact_value,
+        bound=bound,
+        ratio=empirical / bound.total if bound.total > 0 else math.inf,
+        holds=bool(holds),
+        applies=bool(cond.ok and problem.heterogeneity == 0),
+        lr_ok=cond.ok,
+        eta_max=cond.eta_max,
+        note="; ".join(notes),
+        label=label or algorithm.name,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# sweeps, tables and plots
+
+
+def sweep(runs: Iterable[tuple[str, object, float]], problem, K, seeds=100, *, key: int = 0,
+          exact: bool | None = None) -> list[BoundCheck]:
+    """:func:`check_bound` for each ``(label, algorithm, eta)`` in ``runs`` on one problem."""
+    return [
+        check_bound(algo, problem, eta, K, seeds, key=key, exact=exact, label=label)
+        for label, algo, eta in runs
+    ]
+
+
+def _fmt(x) -> str:
+    return "—" if x is None else f"{x:.4g}"
+
+
+def format_table(rows: Sequence[BoundCheck]) -> str:
+    """A Markdown table: one line per run, with the bound's three terms and the verdict."""
+    head = (
+        "| run | m | τ | v | ζ | η | K | seeds | empirical ± s.e. | exact | optimization | noise | "
+        "network | bound | ratio | holds |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        verdict = "yes" if r.holds else ("**NO**" if r.applies else "no (n/a)")
+        if r.note:
+            verdict += f" ({r.note})"
+        lines.append(
+            f"| {r.label} | {r.m} | {r.tau} | {r.v} | {r.zeta:.4f} | {r.eta:g} | {r.K} | {r.seeds} | "
+            f"{r.empirical:.4g} ± {r.stderr:.2g} | {_fmt(r.exact)} | {r.bound.optimization:.4g} | "
+            f"{r.bound.noise:.4g} | {r.bound.network:.4g} | {r.bound.total:.4g} | {r.ratio:.3f} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(panels: dict[str, tuple[str, Sequence[float], Sequence[BoundCheck]]], path, *, title: str = ""):
+    """Empirical (with ±2 s.e. bars and the exact value where known) against the bound, log scale.
+
+    Args:
+        panels: ``{panel title: (x-axis label, x values, rows)}``; one subplot each.
+        path: where to save the PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (name, (xlabel, xs, rows)) in zip(axes[0], panels.items()):
+        xs = np.asarray(xs, dtype=float)
+        emp = np.array([r.empirical for r in rows])
+        se = np.array([r.stderr for r in rows])
+        ax.plot(xs, [r.bound.total for r in rows], "o-", color="tab:red", label="bound (Thm 1)")
+        ax.plot(xs, [r.bound.network for r in rows], ":", color="tab:red", alpha=0.6, label="network term")
+        ax.errorbar(xs, emp, yerr=2 * se, fmt="s-", color="tab:blue", capsize=3, label="empirical ±2 s.e.")
+        if all(r.exact is not None for r in rows):
+            ax.plot(xs, [r.exact for r in rows], "x", color="k", ms=8, label="exact (recursion)")
+        ax.set_yscale("log")
+        if np.all(xs > 0) and xs.max() / xs.min() > 8:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:g}" for x in xs])
+        ax.set_xlabel(xlabel)
+        ax.set_title(name, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("(1/K) Σ E‖∇F(u_k)‖²")
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
