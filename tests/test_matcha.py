@@ -205,3 +205,31 @@ class TestDraws:
         assert algo.zeta == pytest.approx(np.sqrt(algo.mixing.contraction()))
         assert 0 < algo.zeta < 1
         assert isinstance(algo.mixing, schedules.MixingSchedule) and algo.mixing.cycle is None
+
+
+class TestOnTheEngine:
+    def test_engine_applies_the_drawn_w_each_step(self):
+        engine = pytest.importorskip("coopsgd.engine")
+        import jax.numpy as jnp
+        import optax
+
+        algo = coopsgd.matcha(GRAPHS["ring8"], 0.5, seed=5)
+        trainer = engine.CooperativeSGD(algo, optax.sgd(0.0), lambda p, b: jnp.sum(p["w"]) * 0.0)
+        state = trainer.init({"w": jnp.zeros(2)})
+        x0 = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
+        state = state._replace(params={"w": jnp.asarray(x0)})
+        batch = {"x": np.zeros((6, 8, 1), np.float32)}
+        state, metrics = trainer.run(state, batch, 6)
+        expected = x0.astype(np.float64)
+        for k in range(6):
+            expected = algo.mixing_at(k).T @ expected  # new[j] = sum_i W[i, j] old[i]
+        np.testing.assert_allclose(np.asarray(trainer.workers(state)["w"]), expected, rtol=1e-5, atol=1e-5)
+
+    def test_agrees_with_theory_matching_contraction(self):
+        from coopsgd import theory
+
+        algo = coopsgd.matcha(GRAPHS["er16"], 0.3)
+        sched = algo.mixing
+        expected = theory.matching_contraction(list(sched.laplacians), sched.probabilities, sched.alpha)
+        assert sched.contraction() == pytest.approx(expected, abs=1e-10)
+        assert theory.contraction(algo) == pytest.approx(expected, abs=1e-10)
