@@ -34,3 +34,11 @@ __all__ = [
     "schedules",
     "topology",
 ]
+
+# The engine (issue 3): the one update, its state and metrics, the layouts of the worker axis.
+from coopsgd import backends, communication  # noqa: E402
+from coopsgd.communication import mix  # noqa: E402
+from coopsgd.engine import CooperativeSGD, EngineState, NonFiniteError, StepMetrics  # noqa: E402
+
+__all__ += ["CooperativeSGD", "EngineState", "NonFiniteError", "StepMetrics", "backends",
+            "communication", "mix"]
