@@ -201,10 +201,16 @@ class ADPSGD(PeriodSchedule):
         cap_r = max(⌊max_growth · τ_r⌋, τ_r + 1)   (cap_r = τ_r if max_growth = 1).
 
     **Budget.** With ``budget`` averagings over ``total_steps`` steps, a round starting at step
-    ``s`` when ``b`` averagings remain gets at least ``⌈(total_steps − s) / b⌉`` steps (and at most
-    ``total_steps − s``, so the last round ends exactly at ``total_steps``). By induction at most
-    ``budget`` rounds fit in ``total_steps``; the budget floor wins over ``tau_max``, and a period
-    raised by the floor stays raised. Apart from that final truncation to the horizon the period
+    ``s`` when ``b`` averagings remain and ``R = total_steps − s`` steps are left gets at least
+
+        floor = ⌈R (g − 1) / (g^b − 1)⌉     (g = max_growth; ⌈R / b⌉ when g = 1)
+
+    steps — the shortest period from which ``b`` rounds growing by g each can still cover ``R`` —
+    and at most ``R``, so the last round ends exactly at ``total_steps``. If round r meets its
+    floor, the next floor is at most g times it, and with one averaging left the floor is R: so at
+    most ``budget`` rounds fit in ``total_steps``, and early rounds may be short (average often
+    early) as long as the remaining budget can still grow to cover the rest. The budget floor wins
+    over ``tau_max`` and over the growth cap, and a period raised by the floor stays raised. Apart from that final truncation to the horizon the period
     never shrinks. After ``total_steps`` the last period is kept.
 
     Args:
@@ -254,14 +260,24 @@ class ADPSGD(PeriodSchedule):
         tau = self.tau
         remaining = self.total_steps - start_step
         if remaining > 0:
-            left = self.budget - self.averagings
-            tau = max(tau, -(-remaining // left))
+            tau = max(tau, self.budget_floor(remaining, self.budget - self.averagings))
             self.tau = tau  # the floor raises the period for later rounds too: it never shrinks
             tau = min(tau, remaining)
             self.averagings += 1
         self._assigned[start_step] = tau
         self._last_start = start_step
         return tau
+
+    def budget_floor(self, remaining: int, left: int) -> int:
+        """The shortest period that still lets ``left`` averagings cover ``remaining`` steps when
+        every later period grows by the factor g = ``max_growth``:
+        ``⌈R (g − 1) / (g^b − 1)⌉`` (``⌈R / b⌉`` for g = 1)."""
+        g = self.max_growth
+        if g == 1.0:
+            return -(-remaining // left)
+        if left * math.log(g) > 700.0:  # g^b overflows: no constraint yet
+            return 1
+        return max(1, math.ceil(remaining * (g - 1.0) / (g**left - 1.0) - _CEIL_SLACK))
 
     def observe(self, *, consensus: float, tau: int | None = None, **_ignored) -> int:
         """Record the consensus distance measured just before the last round's averaging.

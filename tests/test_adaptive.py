@@ -193,6 +193,31 @@ class TestADPSGD:
         assert step == total  # the last round ends exactly at the horizon
         assert all(b >= a for a, b in zip(taus[:-1], taus[1:-1]))  # only the last may be cut short
 
+    def test_budget_floor_hand_values(self):
+        sched = adpsgd(1, 100, 10, max_growth=1.0)
+        assert sched.budget_floor(100, 10) == 10  # uniform spending: ceil(R / b)
+        assert sched.budget_floor(95, 10) == 10
+        sched = adpsgd(1, 100, 10, max_growth=2.0)
+        assert sched.budget_floor(100, 1) == 100  # one averaging left: cover everything
+        assert sched.budget_floor(100, 2) == 34  # ceil(100 / 3): tau + 2 tau >= 100
+        assert sched.budget_floor(100, 3) == 15  # ceil(100 / 7)
+        assert sched.budget_floor(100, 2000) == 1  # no constraint yet (g^b overflows)
+
+    def test_frequent_early_then_floor_driven_growth(self):
+        # The drift never falls, so the rule keeps tau0; the budget floor must take over near the
+        # end, growing tau by at most the factor g per round (up to integer rounding).
+        g = 1.25
+        sched = adpsgd(4, 1000, 100, max_growth=g)
+        step, taus = 0, []
+        while step < 1000:
+            taus.append(sched.tau_at(step))
+            step += taus[-1]
+            sched.observe(consensus=float(taus[-1]))
+        assert step == 1000 and len(taus) <= 100
+        assert taus[:50] == [4] * 50  # average often early
+        assert taus[-1] > 50
+        assert all(b <= math.ceil(g * a) for a, b in zip(taus, taus[1:]))
+
     def test_budget_floor_with_algorithm(self):
         sched = adpsgd(1, 100, 10)
         algo = coopsgd.Algorithm(mixing.averaging(4), tau=sched)
@@ -218,3 +243,11 @@ class TestConsensusDistance:
         x = np.array([[1.0], [3.0], [100.0]])
         assert float(consensus_distance(x, num_workers=2)) == pytest.approx(1.0)
         assert math.isclose(float(consensus_distance(x[:2])), 1.0)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from coopsgd import adaptive
+
+    assert doctest.testmod(adaptive, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0

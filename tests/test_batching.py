@@ -175,3 +175,11 @@ class TestController:
     def test_bad_input(self, kwargs):
         with pytest.raises(ValueError):
             BatchSizeController(**kwargs)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from coopsgd import batching
+
+    assert doctest.testmod(batching, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0

@@ -178,3 +178,11 @@ class TestOverlapM:
     def test_bad_lr(self):
         with pytest.raises(ValueError, match="lr"):
             overlap_m_sync(jnp.zeros((2, 1)), OverlapMState(jnp.zeros(1), jnp.zeros(1)), alpha=0.5, beta=0.5, lr=0.0)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from coopsgd import outer
+
+    assert doctest.testmod(outer, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
