@@ -25,6 +25,14 @@ momentum). Every τ steps, with anchor ``z`` (the last synchronised model) and m
 
 With β = 0 the new anchor is ``x̄`` and this is exactly the mixing ``W_ov`` of
 :func:`coopsgd.algorithms.overlap_matrix` on the columns ``[x_1 … x_m, z]``.
+
+**As A(τ, W, v = 2).** Both updates are linear in the models, so with heavy-ball momentum and a
+constant learning rate each is a column-stochastic W on the columns ``[x_1 … x_m, p, q]``: ``p`` is
+the anchor and ``q = p − u`` stores the momentum ``u`` (in model units) so that consensus
+(``x_i = p = q``, ``u = 0``) is a fixed point and the columns of W sum to 1
+(:func:`local_sgd_global_momentum`, :func:`overlap_local_sgd_momentum`). The engine then runs them
+with no extra code. The functional forms above are the general ones (any optax outer optimizer, a
+changing learning rate).
 """
 
 from __future__ import annotations
@@ -35,7 +43,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from coopsgd import schedules
+from coopsgd.algorithms import Algorithm
 
 __all__ = [
     "pseudo_gradient",
@@ -49,6 +61,10 @@ __all__ = [
     "OverlapM",
     "overlap_m",
     "overlap_m_sync",
+    "global_momentum_matrix",
+    "local_sgd_global_momentum",
+    "overlap_m_matrix",
+    "overlap_local_sgd_momentum",
 ]
 
 
@@ -223,3 +239,77 @@ def overlap_m(alpha: float = 0.6, beta: float = 0.7) -> OverlapM:
         return overlap_m_sync(workers, state, alpha=alpha, beta=beta, lr=lr)
 
     return OverlapM(init, sync)
+
+
+def global_momentum_matrix(m: int, lr: float = 1.0, momentum: float = 0.9) -> np.ndarray:
+    """W of local SGD with heavy-ball global momentum on the columns ``[x_1 … x_m, p, q]``.
+
+    With ``a = (1/m) Σ x_i`` (the averaged model), anchor ``p`` = x̄_before and ``q = p − u``::
+
+        u ← β u + (p − a),   p ← p − γ u,   x_i ← p      (outer_momentum(γ, β), heavy ball)
+
+    gives ``p_new = γ a + (1 − γ − γβ) p + γβ q`` (every worker restarts from it) and
+    ``q_new = (1 + γ) a − (γ + β + γβ) p + β(1 + γ) q``. Each column of W sums to 1.
+    """
+    m = schedules.require_int("m", m, 1)
+    g, b = float(lr), float(momentum)
+    _check_positive("lr", g, "outer step size")
+    _check_fraction("momentum", b, "outer momentum beta")
+    w = np.zeros((m + 2, m + 2))
+    p, q = m, m + 1
+    for j in (*range(m), p):  # every worker and the anchor become p_new
+        w[:m, j] = g / m
+        w[p, j] = 1.0 - g - g * b
+        w[q, j] = g * b
+    w[:m, q] = (1.0 + g) / m
+    w[p, q] = -(g + b + g * b)
+    w[q, q] = b * (1.0 + g)
+    return w
+
+
+def local_sgd_global_momentum(m: int, tau, lr: float = 1.0, momentum: float = 0.9) -> Algorithm:
+    """Local SGD with heavy-ball global (outer) momentum as A(τ, W, v = 2) (see
+    :func:`global_momentum_matrix`); ``lr = 1, momentum = 0`` is plain local SGD.
+
+    References:
+        Wang, Tantia, Ballas & Rabbat, "SlowMo", ICLR 2020, Algorithm 1 (α = γ; buffer in model
+        units, equal to the paper's for a constant inner learning rate).
+    """
+    return Algorithm(global_momentum_matrix(m, lr, momentum), tau=tau, v=2, name="local_sgd_global_momentum")
+
+
+def overlap_m_matrix(m: int, alpha: float, beta: float) -> np.ndarray:
+    """W of Overlap-M on the columns ``[x_1 … x_m, z, q]`` with ``q = z − η u`` (constant η).
+
+    With ``a = (1/m) Σ x_i`` before the pull-back, the update of :func:`overlap_m_sync` reads
+    ``x_i ← (1 − α) x_i + α z``, ``z ← (1 − α) a + (α − β) z + β q`` and
+    ``q ← 2(1 − α) a + (2α − 2β − 1) z + 2β q``. Each column of W sums to 1; β = 0 gives
+    :func:`coopsgd.algorithms.overlap_matrix` on the first m + 1 columns.
+    """
+    m = schedules.require_int("m", m, 1)
+    _check_fraction("alpha", alpha, "Overlap Local-SGD pull-back weight")
+    _check_fraction("beta", beta, "Overlap-M anchor momentum")
+    a, b = float(alpha), float(beta)
+    w = np.zeros((m + 2, m + 2))
+    z, q = m, m + 1
+    for j in range(m):
+        w[j, j] = 1.0 - a
+        w[z, j] = a
+    w[:m, z] = (1.0 - a) / m
+    w[z, z] = a - b
+    w[q, z] = b
+    w[:m, q] = 2.0 * (1.0 - a) / m
+    w[z, q] = 2.0 * a - 2.0 * b - 1.0
+    w[q, q] = 2.0 * b
+    return w
+
+
+def overlap_local_sgd_momentum(m: int, tau, alpha: float = 0.6, beta: float = 0.7) -> Algorithm:
+    """Overlap Local-SGD with anchor momentum (Overlap-M) as A(τ, W, v = 2), exact for a constant
+    learning rate (see :func:`overlap_m_matrix`). W is column-stochastic but not symmetric, so
+    Theorem 1 of Cooperative SGD does not apply.
+
+    References:
+        Wang, Liang & Joshi, "Overlap Local-SGD", ICASSP 2020, arXiv:2002.09539.
+    """
+    return Algorithm(overlap_m_matrix(m, alpha, beta), tau=tau, v=2, name="overlap_local_sgd_momentum")

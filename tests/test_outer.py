@@ -186,3 +186,86 @@ def test_docstring_examples():
     from coopsgd import outer
 
     assert doctest.testmod(outer, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+
+
+class TestAsMixingMatrices:
+    """The heavy-ball outer momentum and Overlap-M as A(tau, W, v=2) on [x_1..x_m, p, q=p-u]."""
+
+    def test_global_momentum_matrix_against_equations(self):
+        from coopsgd.outer import global_momentum_matrix
+
+        m, d, gamma, beta = 4, 3, 0.7, 0.8
+        rng = np.random.default_rng(0)
+        x, p, u = rng.normal(size=(m, d)), rng.normal(size=d), rng.normal(size=d)
+        cols = np.vstack([x, p, p - u])
+        new = global_momentum_matrix(m, gamma, beta).T @ cols
+        a = x.mean(0)
+        u_new = beta * u + (p - a)
+        p_new = p - gamma * u_new
+        np.testing.assert_allclose(new[:m], np.tile(p_new, (m, 1)), atol=1e-12)
+        np.testing.assert_allclose(new[m], p_new, atol=1e-12)
+        np.testing.assert_allclose(new[m + 1], p_new - u_new, atol=1e-12)
+        np.testing.assert_allclose(global_momentum_matrix(m, gamma, beta).sum(0), 1.0)
+
+    def test_overlap_m_matrix_against_equations(self):
+        from coopsgd.outer import overlap_m_matrix
+
+        m, d, alpha, beta, lr = 3, 2, 0.6, 0.7, 0.05
+        rng = np.random.default_rng(1)
+        x, z, u = rng.normal(size=(m, d)), rng.normal(size=d), rng.normal(size=d)
+        new = overlap_m_matrix(m, alpha, beta).T @ np.vstack([x, z, z - lr * u])
+        x_h, z_h, u_h = _overlap_m_by_hand(x, z, u, alpha, beta, lr)
+        np.testing.assert_allclose(new[:m], x_h, atol=1e-12)
+        np.testing.assert_allclose(new[m], z_h, atol=1e-12)
+        np.testing.assert_allclose(new[m + 1], z_h - lr * u_h, atol=1e-12)
+        # beta = 0 is W_ov on the first m + 1 columns
+        w0 = overlap_m_matrix(m, alpha, 0.0)
+        np.testing.assert_allclose(w0[: m + 1, : m + 1], overlap_matrix(m, alpha))
+
+    def test_plain_local_sgd_limit(self):
+        from coopsgd.outer import global_momentum_matrix
+
+        w = global_momentum_matrix(3, 1.0, 0.0)
+        x = np.random.default_rng(2).normal(size=(3, 2))
+        new = w.T @ np.vstack([x, np.zeros(2), np.zeros(2)])
+        np.testing.assert_allclose(new[:3], np.tile(x.mean(0), (3, 1)), atol=1e-12)
+
+    @pytest.mark.parametrize("which", ["global_momentum", "overlap_m"])
+    def test_on_the_engine(self, which):
+        engine = pytest.importorskip("coopsgd.engine")
+        from coopsgd.outer import local_sgd_global_momentum, overlap_local_sgd_momentum
+
+        m, d, tau, rounds, eta = 4, 2, 3, 4, 0.1
+        targets = np.random.default_rng(3).normal(size=(m, d)).astype(np.float32)
+
+        def loss(p, batch):  # 0.5 ||w - c_i||^2: gradient w - c_i
+            return 0.5 * jnp.sum((p["w"] - batch["c"]) ** 2)
+
+        if which == "global_momentum":
+            algo = local_sgd_global_momentum(m, tau, lr=0.7, momentum=0.8)
+        else:
+            algo = overlap_local_sgd_momentum(m, tau, alpha=0.6, beta=0.7)
+        trainer = engine.CooperativeSGD(algo, optax.sgd(eta), loss)
+        state = trainer.init({"w": jnp.zeros(d)})
+        batches = {"c": np.broadcast_to(targets, (tau * rounds, m, d)).copy()}
+        state, _ = trainer.run(state, batches, tau * rounds)
+
+        x = np.zeros((m, d))
+        if which == "global_momentum":
+            outer = outer_optimizer(outer_momentum(0.7, 0.8))
+            ostate = outer.init(jnp.zeros(d))
+        else:
+            om = overlap_m(0.6, 0.7)
+            ostate = om.init(jnp.zeros(d))
+        for _ in range(rounds):
+            for _ in range(tau):
+                x = x - eta * (x - targets)
+            if which == "global_momentum":
+                new, ostate = outer.sync(ostate, jnp.asarray(x.mean(0)))
+                x = np.tile(np.asarray(new), (m, 1))
+            else:
+                xs, ostate = om.sync(jnp.asarray(x), ostate, eta)
+                x = np.asarray(xs)
+        np.testing.assert_allclose(np.asarray(trainer.workers(state)["w"]), x, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(trainer.columns(state)["w"])[m], np.asarray(ostate.anchor),
+                                   rtol=1e-4, atol=1e-5)
