@@ -150,10 +150,7 @@ class Pmap(Backend):
         return jax.tree.map(self.from_blocks, params)
 
     def compile(self, local_fn, summarize):
-        mapped = jax.pmap(
-            local_fn, axis_name=AXIS, in_axes=(0, 0, None, None, 0, None),
-            out_axes=(0, 0, {"losses": 0, "aux": 0, "consensus": 0}), devices=self.devices,
-        )
+        mapped = pmap_program(local_fn, self.devices)
         m = self.m
 
         @jax.jit
@@ -175,9 +172,30 @@ class Pmap(Backend):
         return program
 
 
+def pmap_program(local_fn, devices):
+    """``jax.pmap`` of ``local_fn(params, opt, step, key, batches, coefs)`` with params, opt and
+    batches mapped and the rest broadcast.
+
+    The arguments travel as one tuple: jax 0.10's pmap reads a tuple ``in_axes`` as *flat* when
+    the number of leaves happens to equal the number of arguments (e.g. an optimizer state with no
+    leaves, like plain SGD's, and one leaf elsewhere), which silently maps a scalar argument.
+    """
+
+    def packed(args):
+        return local_fn(*args)
+
+    mapped = jax.pmap(packed, axis_name=AXIS, in_axes=((0, 0, None, None, 0, None),),
+                      out_axes=0, devices=devices)
+    return lambda *args: mapped(args)
+
+
+def _identity(x):
+    return x
+
+
 def _pmap_put(blocks, devices):
     """Put (D, …) host blocks one per device, as pmap's output would be (an identity pmap)."""
-    return jax.pmap(lambda x: x, devices=devices)(blocks)
+    return jax.pmap(_identity, devices=devices)(blocks)
 
 
 class ShardMap(Backend):

@@ -390,6 +390,23 @@ def mix_local(plan: MixPlan, workers, aux, coef, axis=None, num_devices: int = 1
 
     if plan.kind == "none":
         return workers, aux
+    leaves, treedef = jax.tree.flatten(workers)
+    if axis is not None and len(leaves) > 1 and len({x.dtype for x in leaves}) == 1:
+        # On devices, exchange one buffer per worker (all leaves concatenated), not one per leaf:
+        # one ppermute per slot, one all-reduce per reduction.
+        sizes = [int(np.prod(x.shape[1:])) for x in leaves]
+        flat_w = jnp.concatenate([x.reshape(x.shape[0], -1) for x in leaves], axis=1)
+        aux_leaves = jax.tree.leaves(aux)
+        flat_a = (jnp.concatenate([z.reshape(z.shape[0], -1) for z in aux_leaves], axis=1)
+                  if plan.v else jnp.zeros((0, flat_w.shape[1]), flat_w.dtype))
+        new_w, new_a = mix_local(plan, flat_w, flat_a, coef, axis, num_devices, device)
+        cuts = np.cumsum(sizes)[:-1].tolist()
+        out_w = [p.reshape(x.shape) for p, x in zip(jnp.split(new_w, cuts, axis=1), leaves)]
+        out_a = aux
+        if plan.v:
+            out_a = jax.tree.unflatten(jax.tree.structure(aux), [
+                p.reshape(z.shape) for p, z in zip(jnp.split(new_a, cuts, axis=1), aux_leaves)])
+        return jax.tree.unflatten(treedef, out_w), out_a
     m, v = plan.m, plan.v
     ml = m // num_devices
 

@@ -600,8 +600,9 @@ class CooperativeSGD:
                 in_specs=(P(be.axis), P(be.axis), P(), P(), P(None, None, be.axis), P()),
                 out_specs=(P(be.axis), P(be.axis), spec_out), check_vma=False))
         elif isinstance(be, _backends.Pmap):
-            fn = jax.pmap(local, axis_name=be.axis, in_axes=(0, 0, None, None, 0, None),
-                          devices=be.devices)
+            mapped = jax.pmap(lambda args: local(*args), axis_name=be.axis,
+                              in_axes=((0, 0, None, None, 0, None),), devices=be.devices)
+            return mapped.lower((state.params, state.opt_state, state.step, state.key, batches, coefs))
         else:
             fn = jax.jit(local)
         return fn.lower(state.params, state.opt_state, state.step, state.key, batches, coefs)

@@ -1,0 +1,173 @@
+"""simulate = pmap = shard_map on 8 forced host devices, and the communication in the compiled HLO.
+
+``tests/conftest.py`` forces 8 CPU devices before jax is imported.
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import networkx as nx
+import numpy as np
+import optax
+import pytest
+
+import coopsgd
+from coopsgd import backends, communication, schedules
+
+from test_engine import INIT, RandomMatchings, loss_fn, make_batches
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (forced) devices")
+
+DEVICE_BACKENDS = ["pmap", "shard_map"]
+
+
+def collectives(text: str) -> dict[str, int]:
+    """Count collective ops in compiled HLO text (sync and async '-start' forms)."""
+    names = ["all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter"]
+    return {k: len(re.findall(rf"\b{k}(-start)?\(", text)) for k in names}
+
+
+def run_on(backend, algo, batches, steps, optimizer=None, **kw):
+    t = coopsgd.CooperativeSGD(algo, optimizer or optax.sgd(0.1), loss_fn, backend=backend, **kw)
+    state, metrics = t.run(t.init(INIT, seed=3), batches, steps)
+    cols = t.columns(state)
+    return t, state, metrics, jax.tree.map(np.asarray, cols)
+
+
+ALGOS = {
+    "local_sgd_m8": lambda: coopsgd.local_sgd(8, 3),
+    "local_sgd_m16": lambda: coopsgd.local_sgd(16, 2),  # two workers per device
+    "easgd_m8": lambda: coopsgd.easgd(8, tau=2),  # anchor replicated on every device
+    "ring_dpsgd_m8": lambda: coopsgd.dpsgd(nx.cycle_graph(8)),
+    "ring_dpsgd_m16": lambda: coopsgd.dpsgd(nx.cycle_graph(16)),
+    "overlap_m16": lambda: coopsgd.overlap_local_sgd(16, 2, 0.5),
+    "cyclic_exponential_m16": lambda: coopsgd.Algorithm(schedules.one_peer_exponential(16), tau=2),
+    "random_matchings_m16": lambda: coopsgd.Algorithm(RandomMatchings(16, seed=1), tau=1),
+    "dense_star_m8": lambda: coopsgd.dpsgd(nx.star_graph(7)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALGOS))
+def test_backends_agree(name):
+    algo = ALGOS[name]()
+    steps = 5
+    batches = make_batches(steps, algo.m, seed=21)
+    _, s_ref, m_ref, c_ref = run_on("simulate", algo, batches, steps)
+    for backend in DEVICE_BACKENDS:
+        t, s, met, cols = run_on(backend, algo, batches, steps)
+        for key in ("w", "b"):
+            np.testing.assert_allclose(cols[key], c_ref[key], rtol=2e-5, atol=2e-6, err_msg=backend)
+        np.testing.assert_allclose(met.losses, m_ref.losses, rtol=2e-5, atol=2e-6, err_msg=backend)
+        np.testing.assert_allclose(met.consensus, m_ref.consensus, rtol=1e-4, atol=1e-7)
+        np.testing.assert_array_equal(met.communicated, m_ref.communicated)
+        np.testing.assert_allclose(t.average(s)["w"], c_ref["w"].mean(0), rtol=2e-5, atol=2e-6)
+        assert int(s.step) == steps
+
+
+@pytest.mark.parametrize("sync", ["keep", "average", "reset"])
+def test_backends_agree_with_adam(sync):
+    algo = coopsgd.local_sgd(16, 2)
+    steps = 4
+    batches = make_batches(steps, algo.m, seed=22)
+    opt = optax.adam(0.05)
+    _, _, _, ref = run_on("simulate", algo, batches, steps, opt, sync_optimizer_state=sync)
+    for backend in DEVICE_BACKENDS:
+        _, _, _, cols = run_on(backend, algo, batches, steps, opt, sync_optimizer_state=sync)
+        np.testing.assert_allclose(cols["w"], ref["w"], rtol=2e-5, atol=2e-6, err_msg=backend)
+
+
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_step_by_step_equals_simulate(backend):
+    algo = coopsgd.easgd(8, tau=2)
+    batches = make_batches(3, 8, seed=23)
+    ref = coopsgd.CooperativeSGD(algo, optax.sgd(0.1), loss_fn)
+    dev = coopsgd.CooperativeSGD(algo, optax.sgd(0.1), loss_fn, backend=backend)
+    s_ref, s_dev = ref.init(INIT), dev.init(INIT)
+    for k in range(3):
+        batch = jax.tree.map(lambda x: x[k], batches)
+        s_ref, m_ref = ref.step(s_ref, batch)
+        s_dev, m_dev = dev.step(s_dev, batch)
+        assert bool(m_ref.communicated) == bool(m_dev.communicated) == (k == 1)
+    np.testing.assert_allclose(dev.columns(s_dev)["w"], s_ref.params["w"], rtol=2e-5, atol=2e-6)
+
+
+def test_shard_map_state_is_sharded_over_workers():
+    algo = coopsgd.local_sgd(16, 2)
+    t = coopsgd.CooperativeSGD(algo, optax.sgd(0.1), loss_fn, backend="shard_map")
+    state = t.init(INIT)
+    w = state.params["w"]
+    assert w.shape == (16, 3)  # v = 0: exactly the n columns, in order
+    assert len(w.addressable_shards) == 8
+    assert {s.data.shape for s in w.addressable_shards} == {(2, 3)}
+
+
+def test_m_not_multiple_of_devices():
+    with pytest.raises(ValueError, match=r"m = 12 .* 8 devices.*m = 8, 16"):
+        coopsgd.CooperativeSGD(coopsgd.local_sgd(12, 2), optax.sgd(0.1), loss_fn, backend="pmap")
+    with pytest.raises(ValueError, match=r"m = 4 .* 8 devices.*m = 8"):
+        coopsgd.CooperativeSGD(coopsgd.local_sgd(4, 2), optax.sgd(0.1), loss_fn, backend="shard_map")
+
+
+def test_exchange_tables_ring_two_per_device():
+    # Shift by +1 over 16 workers, 2 per device: one local row (delta 0) and one row from the
+    # next device (delta 1, i.e. one ppermute).
+    perm = [(j + 1) % 16 for j in range(16)]
+    tables = communication.exchange_tables(perm, 8, 2)
+    assert [t[0] for t in tables] == [0, 1]
+    delta0, delta1 = tables
+    assert delta0[1].tolist() == [[1]] * 8 and delta0[2].tolist() == [[0]] * 8
+    assert delta1[1].tolist() == [[0]] * 8 and delta1[2].tolist() == [[1]] * 8
+
+
+class TestCompiledCommunication:
+    """The compiled program shows the communication W's structure picks (design.md)."""
+
+    def hlo(self, backend, algo, mixes=True):
+        t = coopsgd.CooperativeSGD(algo, optax.sgd(0.1), loss_fn, backend=backend,
+                                   track_consensus=False)
+        state = t.init(INIT)
+        batch = jax.tree.map(lambda x: x[0], make_batches(1, algo.m))
+        return collectives(t.lower_step(state, batch, mixes=mixes).compile().as_text())
+
+    @pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+    def test_local_sgd_sync_is_one_all_reduce(self, backend):
+        ops = self.hlo(backend, coopsgd.local_sgd(8, 4))
+        assert ops["all-reduce"] >= 1 and ops["all-gather"] == 0 and ops["collective-permute"] == 0
+
+    @pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+    def test_local_step_communicates_nothing(self, backend):
+        ops = self.hlo(backend, coopsgd.local_sgd(8, 4), mixes=False)
+        assert sum(ops.values()) == 0
+
+    @pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+    @pytest.mark.parametrize("m", [8, 16])
+    def test_ring_dpsgd_is_collective_permutes(self, backend, m):
+        ops = self.hlo(backend, coopsgd.dpsgd(nx.cycle_graph(m)))
+        assert ops["collective-permute"] == 2  # one per neighbour slot (left, right)
+        assert ops["all-reduce"] == 0 and ops["all-gather"] == 0
+
+    def test_dense_w_is_all_gather(self):
+        ops = self.hlo("shard_map", coopsgd.dpsgd(nx.star_graph(7)))
+        assert ops["all-gather"] == 1 and ops["collective-permute"] == 0
+
+    def test_easgd_is_one_all_reduce(self):
+        ops = self.hlo("shard_map", coopsgd.easgd(8))
+        assert ops["all-reduce"] == 1 and ops["all-gather"] == 0
+
+    def test_simulate_has_no_collectives(self):
+        ops = self.hlo("simulate", coopsgd.dpsgd(nx.cycle_graph(8)))
+        assert sum(ops.values()) == 0
+
+    def test_consensus_metric_costs_all_reduces(self):
+        t = coopsgd.CooperativeSGD(coopsgd.dpsgd(nx.cycle_graph(8)), optax.sgd(0.1), loss_fn,
+                                   backend="shard_map", track_consensus=True)
+        batch = jax.tree.map(lambda x: x[0], make_batches(1, 8))
+        ops = collectives(t.lower_step(t.init(INIT), batch).compile().as_text())
+        assert ops["all-reduce"] >= 1 and ops["collective-permute"] == 2
+
+
+def test_make_backend_names():
+    assert backends.make_backend("simulate", 4, 0).num_devices == 1
+    assert backends.make_backend("shard_map", 16, 1).m_local == 2
+    with pytest.raises(ValueError, match="'tpu'"):
+        backends.make_backend("tpu", 4, 0)
