@@ -47,8 +47,8 @@ def _finite(name: str, value, *, positive: bool, rule: str) -> float:
 
 
 def adacomm_period(tau0: int, loss0: float, loss: float, lr0: float = 1.0, lr: float = 1.0) -> int:
-    """AdaComm's period for the next wall-clock interval (Wang & Joshi, AdaComm, arXiv:1810.08313,
-    eq. (14) and its learning-rate form, eq. (17))::
+    """AdaComm's period for the next wall-clock interval (Wang & Joshi, AdaComm, arXiv:1810.08313:
+    the rule for a fixed learning rate and its learning-rate-aware form)::
 
         τ_l = ⌈ sqrt( (η_0 / η_l) · F(x_l) / F(x_0) ) · τ_0 ⌉,   at least 1.
 
@@ -104,7 +104,7 @@ class AdaComm(PeriodSchedule):
 
     References:
         Wang & Joshi, "Adaptive Communication Strategies to Achieve the Best Error-Runtime
-        Trade-off in Local-Update SGD", SysML 2019, arXiv:1810.08313, §4.
+        Trade-off in Local-Update SGD", SysML 2019, arXiv:1810.08313.
     """
 
     def __init__(self, tau0: int, interval: float, *, loss0: float | None = None, lr0: float | None = None,
@@ -227,7 +227,7 @@ class ADPSGD(PeriodSchedule):
 
     References:
         Jiang & Agrawal, "Adaptive Periodic Averaging: A Practical Approach to Reducing
-        Communication in Distributed Learning", arXiv:2007.06134, §3 (argument), coopsgd's rule.
+        Communication in Distributed Learning", arXiv:2007.06134 (the argument); the rule is coopsgd's.
     """
 
     def __init__(self, tau0: int, total_steps: int, budget: int, *, target: float | None = None,

@@ -4,7 +4,7 @@ test, and a host-side controller that grows, caps and buckets the batch size.
 Every test compares the sample variance of per-example gradients with the squared norm of their
 mean ``g_B`` on a batch ``B`` of size ``b`` and returns the smallest batch size that would pass
 (Lau, Li, Xu, Liu & Kolar, "Communication-Efficient Adaptive Batch Size Strategies for
-Distributed Local Gradient Methods", arXiv:2406.13936, §3; the tests go back to Byrd, Chin, Nocedal
+Distributed Local Gradient Methods", arXiv:2406.13936; the tests go back to Byrd, Chin, Nocedal
 & Wu 2012 (norm test) and Bollapragada, Byrd & Nocedal 2018 (inner-product and orthogonality
 tests)):
 
@@ -123,7 +123,7 @@ def _required(numer, denom, batch) -> BatchTest:
 
 def norm_test(grads_or_stats, eta) -> BatchTest:
     """Norm test: passes iff ``Var̂ / b ≤ η² ‖g_B‖²``; ``required = ⌈Var̂ / (η² ‖g_B‖²)⌉``
-    (Byrd, Chin, Nocedal & Wu 2012, eq. (3.9); Lau et al., arXiv:2406.13936, §3).
+    (Byrd, Chin, Nocedal & Wu, Math. Program. 2012; Lau et al., arXiv:2406.13936).
 
     Args:
         grads_or_stats: per-example gradients (pytree, batch axis first) or :class:`BatchStats`.
@@ -136,7 +136,7 @@ def norm_test(grads_or_stats, eta) -> BatchTest:
 
 def inner_product_test(grads_or_stats, theta) -> BatchTest:
     """Inner-product test: ``required = ⌈Var̂_i(⟨∇f_i, g_B⟩) / (θ² ‖g_B‖⁴)⌉``
-    (Bollapragada, Byrd & Nocedal 2018, eq. (3.7); Lau et al., arXiv:2406.13936, §3)."""
+    (Bollapragada, Byrd & Nocedal, ICML 2018; Lau et al., arXiv:2406.13936)."""
     _check_param("theta", theta, "inner-product test")
     s = _stats(grads_or_stats)
     return _required(s.ip_variance, theta**2 * s.sq_norm**2, s.batch)
@@ -144,7 +144,7 @@ def inner_product_test(grads_or_stats, theta) -> BatchTest:
 
 def orthogonality_test(grads_or_stats, nu) -> BatchTest:
     """Orthogonality test: ``required = ⌈Σ Var̂_i(∇f_i − (⟨∇f_i, g_B⟩/‖g_B‖²) g_B) / (ν² ‖g_B‖²)⌉``
-    (Bollapragada et al. 2018, eq. (3.12))."""
+    (Bollapragada, Byrd & Nocedal, ICML 2018)."""
     _check_param("nu", nu, "orthogonality test")
     s = _stats(grads_or_stats)
     return _required(s.orth_variance, nu**2 * s.sq_norm, s.batch)
@@ -152,7 +152,7 @@ def orthogonality_test(grads_or_stats, nu) -> BatchTest:
 
 def augmented_inner_product_test(grads_or_stats, theta, nu) -> BatchTest:
     """Augmented inner-product test: the larger of the inner-product (θ) and orthogonality (ν)
-    requirements; passes iff both pass (Bollapragada et al. 2018, §3.3)."""
+    requirements; passes iff both pass (Bollapragada, Byrd & Nocedal, ICML 2018; Lau et al.)."""
     s = _stats(grads_or_stats)
     ip, orth = inner_product_test(s, theta), orthogonality_test(s, nu)
     return BatchTest(passed=ip.passed & orth.passed, required=jnp.maximum(ip.required, orth.required))

@@ -9,7 +9,8 @@ graph under a budget on the expected number of matchings used; α minimises the 
 
 References:
     Wang, Sahu, Yang, Joshi & Kar, "MATCHA: Speeding Up Decentralized SGD via Matching
-    Decomposition Sampling", arXiv:1905.09435 (2019), §3 (Algorithm 1, problems (6)–(7)).
+    Decomposition Sampling", arXiv:1905.09435 (2019): the matching decomposition, the budgeted
+    activation probabilities and the choice of α (restated in coopsgd's reference notes, math §3).
 
 Example::
 
@@ -46,7 +47,7 @@ def matching_laplacians(n: int, matchings) -> np.ndarray:
     """Stack of the Laplacians ``L_j`` (shape ``(M, n, n)``) of matchings given as edge lists.
 
     Each ``L_j`` has ``+1`` on the diagonal of matched nodes and ``−1`` on each matched pair, so
-    ``L_j² = 2 L_j`` (MATCHA, §3, used in its Lemma 1).
+    ``L_j² = 2 L_j`` (MATCHA, arXiv:1905.09435).
     """
     laplacians = np.zeros((len(matchings), n, n))
     for j, edges in enumerate(matchings):
@@ -87,7 +88,7 @@ def _project_budget(q: np.ndarray, total: float) -> np.ndarray:
 
 
 def activation_probabilities(laplacians: np.ndarray, budget: float, *, iterations: int = 300) -> np.ndarray:
-    """Activation probabilities solving MATCHA's budgeted connectivity problem (MATCHA, eq. (6))::
+    """Activation probabilities solving MATCHA's budgeted connectivity problem (MATCHA, arXiv:1905.09435)::
 
         maximise λ₂(Σ_j p_j L_j)   subject to   Σ_j p_j ≤ C_b · M,   0 ≤ p_j ≤ 1.
 
@@ -134,8 +135,8 @@ def activation_probabilities(laplacians: np.ndarray, budget: float, *, iteration
 def expected_laplacian_moments(laplacians: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(E[L], E[L²])`` of ``L = Σ_j B_j L_j`` with independent ``B_j ~ Bernoulli(p_j)``.
 
-    ``E[L] = Σ p_j L_j`` and ``E[L²] = E[L]² + 2 Σ p_j (1 − p_j) L_j`` (MATCHA, proof of Theorem 2,
-    using ``L_j² = 2 L_j``).
+    ``E[L] = Σ p_j L_j`` and ``E[L²] = E[L]² + 2 Σ p_j (1 − p_j) L_j`` (MATCHA, arXiv:1905.09435,
+    using ``L_j² = 2 L_j``; checked against enumeration in the tests).
     """
     p = np.asarray(probabilities, dtype=np.float64)
     mean = np.tensordot(p, laplacians, axes=1)
@@ -151,7 +152,7 @@ def _contraction(alpha: float, mean: np.ndarray, second: np.ndarray) -> float:
 
 
 def best_alpha(laplacians: np.ndarray, probabilities: np.ndarray, *, tol: float = 1e-10) -> tuple[float, float]:
-    """α minimising ``ρ(α) = ‖E[W_kᵀ W_k] − J‖₂`` for ``W_k = I − α L^(k)`` (MATCHA, problem (7)).
+    """α minimising ``ρ(α) = ‖E[W_kᵀ W_k] − J‖₂`` for ``W_k = I − α L^(k)`` (MATCHA, arXiv:1905.09435).
 
     ``E[WᵀW] − J = (I − J) − 2α E[L] + α² E[L²]`` is positive semi-definite and a matrix-convex
     function of α, so ρ is convex in α with ρ(0) = 1. The authors solve a small SDP; here the
@@ -207,8 +208,8 @@ class MatchaSchedule(schedules.MixingSchedule):
         graph: the base graph (connected, undirected; nodes relabelled ``0..n-1`` in sorted order).
         budget: ``C_b ∈ (0, 1]``, the expected fraction of matchings active per mixing.
         seed: a non-negative integer seeding the draws.
-        probabilities: activation probabilities to use instead of solving MATCHA's problem (6).
-        alpha: the step to use instead of the 1-D search of problem (7).
+        probabilities: activation probabilities to use instead of solving MATCHA's connectivity problem.
+        alpha: the step to use instead of the 1-D search over α.
 
     Attributes:
         matchings: the edge lists of ``G_1 … G_M`` (:func:`coopsgd.topology.matchings`).
@@ -274,7 +275,7 @@ class MatchaSchedule(schedules.MixingSchedule):
         return np.tensordot(self.active(r).astype(np.float64), self.laplacians, axes=1)
 
     def at(self, r: int) -> np.ndarray:
-        """``W^(r) = I − α L^(r)`` (MATCHA, Algorithm 1), read-only float64."""
+        """``W^(r) = I − α L^(r)`` (MATCHA, arXiv:1905.09435), read-only float64."""
         w = np.eye(self.n) - self.alpha * self.laplacian_at(r)
         w.setflags(write=False)
         return w
@@ -288,7 +289,7 @@ class MatchaSchedule(schedules.MixingSchedule):
         return expected_laplacian_moments(self.laplacians, self.probabilities)[0]
 
     def expected_gram(self) -> np.ndarray:
-        """``E[W^(r)ᵀ W^(r)] = I − 2α E[L] + α² E[L²]`` exactly (MATCHA, Theorem 2's proof)."""
+        """``E[W^(r)ᵀ W^(r)] = I − 2α E[L] + α² E[L²]`` exactly (MATCHA, arXiv:1905.09435)."""
         mean, second = expected_laplacian_moments(self.laplacians, self.probabilities)
         return np.eye(self.n) - 2.0 * self.alpha * mean + self.alpha**2 * second
 
@@ -317,6 +318,6 @@ def matcha(graph: nx.Graph, budget: float, seed: int = 0, *, tau=1) -> Algorithm
         ValueError: budget outside (0, 1], a disconnected or edgeless graph, a negative seed.
 
     References:
-        Wang et al., "MATCHA", arXiv:1905.09435, Algorithm 1.
+        Wang, Sahu, Yang, Joshi & Kar, "MATCHA", arXiv:1905.09435.
     """
     return Algorithm(MatchaSchedule(graph, budget, seed), tau=tau, name="matcha")

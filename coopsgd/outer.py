@@ -15,8 +15,8 @@ to any optax ``GradientTransformation`` — the outer optimizer — and the resu
 
 ``outer_momentum(learning_rate=1, momentum=0)`` gives back plain local SGD (``x_t = x̄_after``).
 
-**Overlap-M** (Wang, Liang & Joshi, Overlap Local-SGD, arXiv:2002.09539, Algorithm 1 with anchor
-momentum). Every τ steps, with anchor ``z`` (the last synchronised model) and momentum buffer ``u``::
+**Overlap-M** (Wang, Liang & Joshi, Overlap Local-SGD, arXiv:2002.09539, with anchor
+momentum as in the authors' code). Every τ steps, with anchor ``z`` (the last synchronised model) and momentum buffer ``u``::
 
     x_i ← (1 − α) x_i + α z                 (pull back toward the anchor)
     x̄   = (1/m) Σ_i x_i                     (over the pulled-back models)
@@ -83,7 +83,7 @@ def _check_positive(name: str, value, rule: str) -> None:
 
 def pseudo_gradient(before, after):
     """``Δ = x̄_before − x̄_after``: how far a round of local steps and averaging moved the model,
-    signed like a gradient (SlowMo, Algorithm 1, line 6; DiLoCo, Algorithm 1, line 12)."""
+    signed like a gradient (SlowMo, Wang et al., ICLR 2020; DiLoCo, Douillard et al., arXiv:2311.08105)."""
     return jax.tree.map(lambda b, a: b - a, before, after)
 
 
@@ -93,8 +93,9 @@ def outer_momentum(learning_rate: float | Callable = 1.0, momentum: float = 0.9,
 
     ``u_t = β u_{t−1} + Δ_t`` and the update is ``−γ u_t`` (Nesterov: ``−γ (Δ_t + β u_t)``), i.e.
     ``optax.trace`` followed by ``optax.scale_by_learning_rate``. SlowMo (Wang, Tantia, Ballas &
-    Rabbat, ICLR 2020, Algorithm 1) uses β around 0.5–0.8 and γ = 1; DiLoCo (Douillard et al.,
-    arXiv:2311.08105) uses Nesterov with γ = 0.7, β = 0.9.
+    Rabbat, ICLR 2020, Algorithm 1) is this heavy-ball form with slow learning rate γ and slow
+    momentum β; DiLoCo (Douillard et al., arXiv:2311.08105) uses the Nesterov form (γ = 0.7,
+    β = 0.9 in its experiments).
 
     Args:
         learning_rate: the outer step γ > 0 (or an optax schedule of the sync count).
@@ -186,8 +187,8 @@ class OverlapMState(NamedTuple):
 
 
 def overlap_m_sync(workers, state: OverlapMState, *, alpha, beta, lr):
-    """One Overlap-M synchronisation (Overlap Local-SGD, arXiv:2002.09539, Algorithm 1 with anchor
-    momentum; see the module docstring for the equations).
+    """One Overlap-M synchronisation (Overlap Local-SGD, arXiv:2002.09539, with anchor momentum as in
+    the authors' code; see the module docstring for the equations).
 
     Args:
         workers: stacked worker models, leading axis m.
