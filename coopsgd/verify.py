@@ -32,6 +32,7 @@ from coopsgd import theory
 __all__ = [
     "BoundCheck",
     "check_bound",
+    "gradient_norms",
     "exact_error_curve",
     "exact_expected_error",
     "sweep",
@@ -62,6 +63,9 @@ class BoundCheck(NamedTuple):
     empirical: float
     stderr: float
     exact: float | None
+    local_models: float
+    """``(1/K) Σ_k E (1/m) Σ_i ‖∇F(x_k^(i))‖²``: the workers' own models (not bounded by Thm 1;
+    it shows the consensus error, which on a quadratic never reaches the averaged model)."""
     bound: theory.Bound
     ratio: float
     holds: bool
@@ -180,9 +184,42 @@ def _seed_keys(seeds, key):
     return jax.vmap(jax.random.PRNGKey)(arr)
 
 
-def gradient_norms(algorithm, problem, eta, K, seeds=100, *, key: int = 0):
-    """``‖∇F(u_k)‖²`` for every seed and step, shape ``(seeds, K)``: the engine's plain-SGD run of
-    ``algorithm`` on ``problem`` from ``problem.x0``, all seeds in one vmapped, compiled call."""
+def _mixing_index(algorithm, K: int, max_distinct: int = 32):
+    """For each step k < K: -1 if it ends without mixing, else the index of its W_k in a list of
+    the distinct matrices used (with a representative round index for each)."""
+    index = np.full(K, -1, dtype=np.int32)
+    seen: dict[bytes, int] = {}
+    rounds: list[int] = []
+    for k in range(K):
+        if not algorithm.communicates(k):
+            continue
+        r = algorithm.period.round_index(k)
+        w = np.ascontiguousarray(algorithm.mixing.at(r))
+        key = w.tobytes()
+        if key not in seen:
+            if len(seen) == max_distinct:
+                raise ValueError(
+                    f"{algorithm.name} uses more than {max_distinct} distinct mixing matrices in "
+                    f"{K} steps; the harness compiles one mixing per distinct W_k"
+                )
+            seen[key] = len(rounds)
+            rounds.append(r)
+        index[k] = seen[key]
+    return index, rounds
+
+
+def gradient_norms(algorithm, problem, eta, K, seeds=100, *, key: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``‖∇F(u_k)‖²`` and ``(1/m) Σ_i ‖∇F(x_k^(i))‖²`` for every seed and step ``k = 1..K``: two
+    arrays of shape ``(seeds, K)`` (the averaged model, which the theorem bounds, and the workers'
+    own models).
+
+    The engine (:class:`coopsgd.CooperativeSGD`, simulate backend, ``optax.sgd(eta)`` on every
+    worker) runs ``algorithm`` on ``problem`` from ``problem.x0``; each step is one of the engine's
+    pure per-round functions (``round_fn(1, r, mix)``: a local step, or a local step followed by the
+    mixing with ``W^(r)``), chosen by ``lax.switch`` inside one ``lax.scan`` over the K steps, and
+    the seeds are vmapped, so the whole sweep is one compiled call. Worker i's noise at step k comes
+    from ``fold_in(fold_in(seed_key, k), ·)`` carried in its batch (:meth:`Problem.batch`).
+    """
     import jax
     import jax.numpy as jnp
     import optax
@@ -192,21 +229,30 @@ def gradient_norms(algorithm, problem, eta, K, seeds=100, *, key: int = 0):
     eta, K = _check_run_args(algorithm, eta, K)
     problem.check_workers(algorithm.m)
     keys = _seed_keys(seeds, key)
-    engine = CooperativeSGD(algorithm, optax.sgd(eta), problem.loss_fn)
+    mix_index, mix_rounds = _mixing_index(algorithm, K)
+    engine = CooperativeSGD(algorithm, optax.sgd(eta), problem.loss_fn, track_consensus=False)
     state0 = engine.init(jnp.asarray(problem.x0, jnp.float32))
+    branches = [engine.round_fn(1, 0, mix=False)] + [engine.round_fn(1, r, mix=True) for r in mix_rounds]
     m = algorithm.m
 
     def one_seed(seed_key):
-        def body(state, k):
+        def body(state, xs):
+            k, which = xs
             g2 = problem.grad_norm_sq(engine.average(state))
-            batch = problem.batch(jax.random.fold_in(seed_key, k), m)
-            state, _ = engine.step(state, batch)
-            return state, g2
+            g2w = jnp.mean(jax.vmap(problem.grad_norm_sq)(engine.workers(state)))
+            batch = jax.tree.map(lambda x: x[None], problem.batch(jax.random.fold_in(seed_key, k), m))
+            if len(branches) == 1:
+                state, _ = branches[0](state, batch)
+            else:
+                state = jax.lax.switch(which + 1, [lambda s, b, f=f: f(s, b)[0] for f in branches],
+                                       state, batch)
+            return state, (g2, g2w)
 
-        _, g2 = jax.lax.scan(body, state0, jnp.arange(K))
-        return g2
+        _, out = jax.lax.scan(body, state0, (jnp.arange(K), jnp.asarray(mix_index)))
+        return out
 
-    return np.asarray(jax.jit(jax.vmap(one_seed))(keys), dtype=np.float64)
+    g2, g2w = jax.jit(jax.vmap(one_seed))(keys)
+    return np.asarray(g2, dtype=np.float64), np.asarray(g2w, dtype=np.float64)
 
 
 def check_bound(algorithm, problem, eta, K, seeds=100, *, key: int = 0, exact: bool | None = None,
@@ -257,7 +303,7 @@ def check_bound(algorithm, problem, eta, K, seeds=100, *, key: int = 0, exact: b
         notes.append(f"eta > eta_max = {cond.eta_max:.4g}")
     if problem.heterogeneity > 0:
         notes.append("per-worker optima: gradients biased for grad F, outside Theorem 1")
-    g2 = gradient_norms(algorithm, problem, eta, K, seeds, key=key)
+    g2, g2w = gradient_norms(algorithm, problem, eta, K, seeds, key=key)
     per_seed = g2.mean(axis=1)
     empirical = float(per_seed.mean())
     stderr = float(per_seed.std(ddof=1) / math.sqrt(len(per_seed)))
@@ -281,6 +327,7 @@ def check_bound(algorithm, problem, eta, K, seeds=100, *, key: int = 0, exact: b
         empirical=empirical,
         stderr=stderr,
         exact=exact_value,
+        local_models=float(g2w.mean()),
         bound=bound,
         ratio=empirical / bound.total if bound.total > 0 else math.inf,
         holds=bool(holds),

@@ -74,7 +74,7 @@ def register(subparsers) -> None:
 
 def _valid(kind: str, name: str, valid) -> str:
     if name not in valid:
-        raise CommandError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}")
+        raise CommandError(f"unknown {kind} {name!r}; valid {kind} names: {', '.join(valid)}")
     return name
 
 

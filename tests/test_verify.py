@@ -1,0 +1,210 @@
+"""coopsgd.verify: the exact recursion against hand formulas and sampling, the harness on the engine."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import networkx as nx
+import numpy as np
+import pytest
+
+import coopsgd
+from coopsgd import mixing, problems, schedules, theory, verify
+from coopsgd.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def numpy_monte_carlo(algo, p, eta, K, S=3000, seed=0):
+    """(X − ηG) W_k written out in NumPy, independent of the engine and of the recursion."""
+    rng = np.random.default_rng(seed)
+    n, m, d = algo.n, algo.m, p.d
+    X = np.broadcast_to(p.x0, (S, n, d)).copy()
+    opt = p.optima if len(p.optima) == m else np.repeat(p.optima, m, 0)
+    out = np.zeros((S, K))
+    for k in range(K):
+        out[:, k] = (((X.mean(1) - p.x_star) @ p.A) ** 2).sum(1)
+        G = np.zeros_like(X)
+        G[:, :m] = (X[:, :m] - opt) @ p.A + rng.normal(size=(S, m, d)) * math.sqrt(p.sigma2 / d)
+        X = np.einsum("ij,sid->sjd", algo.mixing_at(k), X - eta * G)
+    return out  # (S, K)
+
+
+class TestExactRecursion:
+    def test_single_worker_by_hand(self):
+        # d = 1, m = 1, A = λ: u_k − x* = (1 − ηλ)^k (x0 − x*) + noise with variance
+        # η²σ² Σ_{i<k} (1 − ηλ)^{2i};  E|∇F(u_k)|² = λ² (mean² + variance)
+        lam, eta, s2, K = 2.0, 0.1, 0.5, 20
+        p = problems.Quadratic([lam], sigma2=s2, optima=[[1.5]], x0=[0.0])
+        q = 1 - eta * lam
+        hand = [lam**2 * (q ** (2 * k) * 1.5**2 + eta**2 * s2 * sum(q ** (2 * i) for i in range(k)))
+                for k in range(K)]
+        assert np.allclose(verify.exact_error_curve(coopsgd.fully_sync(1), p, eta, K), hand, rtol=1e-12)
+
+    @pytest.mark.parametrize(
+        "algo",
+        [
+            coopsgd.local_sgd(4, 3),
+            coopsgd.easgd(4, 2),
+            coopsgd.dpsgd(nx.cycle_graph(5)),
+            coopsgd.Algorithm(schedules.cyclic([mixing.metropolis(nx.cycle_graph(4)), mixing.averaging(4)]), 2),
+        ],
+        ids=["local_sgd", "easgd", "dpsgd_ring", "cyclic"],
+    )
+    def test_against_numpy_monte_carlo(self, algo):
+        p = problems.quadratic(5, L=1.0, mu=0.1, sigma2=2.0, seed=1, rotate=True)
+        exact = verify.exact_error_curve(algo, p, 0.2, 25)
+        runs = numpy_monte_carlo(algo, p, 0.2, 25, S=4000)
+        mc, se = runs.mean(0), runs.std(0, ddof=1) / math.sqrt(len(runs))
+        assert np.all(np.abs(mc - exact) <= 4.5 * se + 1e-9 * exact)  # every step, a few s.e.
+        avg = runs.mean(1)
+        assert abs(avg.mean() - exact.mean()) < 4 * avg.std(ddof=1) / math.sqrt(len(avg))
+
+    def test_heterogeneous(self):
+        algo = coopsgd.local_sgd(3, 4)
+        p = problems.quadratic(4, sigma2=0.5, m=3, heterogeneity=3.0, seed=2)
+        exact = verify.exact_expected_error(algo, p, 0.3, 30)
+        runs = numpy_monte_carlo(algo, p, 0.3, 30, S=4000).mean(1)
+        assert abs(runs.mean() - exact) < 4 * runs.std(ddof=1) / math.sqrt(len(runs))
+
+    def test_average_of_a_quadratic_ignores_the_network(self):
+        # [derived] v = 0 and linear gradients: u_{k+1} = u_k − η A (u_k − x̄*) − η ξ̄ for every W
+        p = problems.quadratic(6, seed=3)
+        base = verify.exact_error_curve(coopsgd.fully_sync(4), p, 0.2, 40)
+        for algo in (coopsgd.local_sgd(4, 8), coopsgd.dpsgd(nx.path_graph(4))):
+            assert np.allclose(verify.exact_error_curve(algo, p, 0.2, 40), base, rtol=1e-10)
+
+    def test_refuses_other_problems(self):
+        with pytest.raises(ValueError, match="quadratic"):
+            verify.exact_expected_error(coopsgd.fully_sync(2), problems.linear_regression(), 0.1, 10)
+
+
+QUAD = problems.quadratic(10, L=1.0, mu=0.05, sigma2=1.0, seed=0)
+HARNESS = [
+    ("fully_sync", coopsgd.fully_sync(4), 0.2),
+    ("local_sgd", coopsgd.local_sgd(4, 4), 0.1),
+    ("dpsgd_ring", coopsgd.dpsgd(nx.cycle_graph(6)), 0.1),
+    ("easgd_alpha_star", coopsgd.easgd(4, 2), 0.1),
+]
+
+
+class TestHarness:
+    @pytest.mark.parametrize("name, algo, eta", HARNESS, ids=[h[0] for h in HARNESS])
+    def test_bound_holds_and_matches_exact(self, name, algo, eta):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", theory.StepSizeWarning)  # inside the condition
+            r = verify.check_bound(algo, QUAD, eta, 100, 64)
+        assert r.applies and r.holds and not r.violated
+        assert 0 < r.ratio < 1
+        assert r.bound == theory.bound_for(algo, L=1.0, sigma2=1.0, f_gap=QUAD.f_gap, eta=eta, K=100)
+        assert abs(r.empirical - r.exact) < 4 * r.stderr  # Monte Carlo on the engine vs exact
+        assert r.seeds == 64 and r.local_models >= r.empirical * 0.999
+
+    def test_overlap_is_refused(self):
+        with pytest.raises(ValueError, match="symmetric"):
+            verify.check_bound(coopsgd.overlap_local_sgd(4, 2, 0.5), QUAD, 0.1, 10, 4)
+
+    def test_heterogeneous_problem_is_outside_the_theorem(self):
+        p = problems.quadratic(5, m=4, heterogeneity=2.0)
+        r = verify.check_bound(coopsgd.local_sgd(4, 2), p, 0.1, 20, 4)
+        assert not r.applies and "per-worker optima" in r.note
+
+    def test_step_size_outside_the_condition_warns(self):
+        with pytest.warns(theory.StepSizeWarning):
+            r = verify.check_bound(coopsgd.local_sgd(4, 8), QUAD, 0.3, 20, 4)
+        assert not r.applies and not r.lr_ok
+
+    def test_bad_seeds(self):
+        with pytest.raises(ValueError, match="seeds"):
+            verify.check_bound(coopsgd.fully_sync(2), QUAD, 0.1, 10, 1)
+        with pytest.raises(ValueError, match="eta"):
+            verify.check_bound(coopsgd.fully_sync(2), QUAD, -0.1, 10, 4)
+
+
+class TestErrorFloor:
+    """The network term needs a non-linear gradient to reach the averaged model, so the floor is
+    measured on logistic regression, with the same seeds in both runs (paired differences)."""
+
+    LOGISTIC = problems.logistic_regression(256, 8, seed=0)
+
+    def _paired(self, a, b, eta=0.5, K=300, seeds=128):
+        ga = verify.gradient_norms(a, self.LOGISTIC, eta, K, seeds)[0].mean(1)
+        gb = verify.gradient_norms(b, self.LOGISTIC, eta, K, seeds)[0].mean(1)
+        diff = gb - ga
+        return diff.mean(), diff.std(ddof=1) / math.sqrt(seeds)
+
+    def test_floor_rises_with_tau(self):
+        mean, se = self._paired(coopsgd.local_sgd(8, 1), coopsgd.local_sgd(8, 32))
+        assert mean > 3 * se
+
+    def test_floor_rises_with_zeta(self):
+        complete = coopsgd.dpsgd(nx.complete_graph(8))  # ζ = 0
+        ring = coopsgd.dpsgd(nx.cycle_graph(8))  # ζ ≈ 0.80
+        assert ring.zeta > 0.75 and complete.zeta < 1e-9
+        mean, se = self._paired(complete, ring, eta=1.0)
+        assert mean > 3 * se
+
+
+class TestOutput:
+    def test_table_and_plot(self, tmp_path):
+        rows = verify.sweep([("a", coopsgd.fully_sync(2), 0.1), ("b", coopsgd.local_sgd(2, 4), 0.1)], QUAD, 20, 4)
+        table = verify.format_table(rows)
+        assert table.count("\n") == 3 and "| a |" in table and "| b |" in table
+        path = verify.plot({"τ": ("τ", [1, 4], rows)}, tmp_path / "x.png")
+        assert os.path.getsize(path) > 1000
+        d = rows[0].as_dict()
+        json.dumps(d)
+        assert set(d["bound"]) == {"optimization", "noise", "network", "total"}
+
+
+class TestCLI:
+    def test_table_exit_zero(self, capsys):
+        code = main(["verify", "--algorithm", "local_sgd", "--workers", "4", "--tau", "1", "4",
+                     "--lr", "0.1", "--steps", "40", "--seeds", "8"])
+        out = capsys.readouterr().out
+        assert code == 0 and "2 of 2 rows hold" in out
+
+    def test_json(self, capsys):
+        code = main(["verify", "--algorithm", "dpsgd", "--workers", "6", "--topology", "ring",
+                     "--lr", "0.1", "--steps", "30", "--seeds", "4", "--json"])
+        data = json.loads(capsys.readouterr().out)
+        assert code == 0 and data["holds"] and data["violations"] == 0
+        row = data["rows"][0]
+        assert {"empirical", "stderr", "bound", "ratio", "holds"} <= set(row)
+
+    def test_exit_one_when_a_row_does_not_hold(self, capsys):
+        code = main(["verify", "--algorithm", "fully_sync", "--workers", "2", "--lr", "3.0",
+                     "--steps", "30", "--seeds", "4"])
+        captured = capsys.readouterr()
+        assert code == 1 and "exceed the bound outside its assumptions" in captured.out
+
+    @pytest.mark.parametrize(
+        "argv, match",
+        [
+            (["--algorithm", "sgdd"], "valid algorithm names: fully_sync, local_sgd"),
+            (["--algorithm", "dpsgd", "--topology", "moebius"], "valid topology names: ring"),
+            (["--algorithm", "overlap_local_sgd", "--alpha", "0.5", "--tau", "2"], "symmetric"),
+            (["--algorithm", "dpsgd", "--tau", "4"], "decentralized_periodic"),
+            (["--algorithm", "local_sgd", "--seeds", "1"], "--seeds"),
+            (["--algorithm", "local_sgd", "--lr", "-1"], "--lr"),
+            (["--algorithm", "local_sgd", "--steps", "x"], "invalid int"),
+        ],
+    )
+    def test_bad_input_exit_two(self, argv, match, capsys):
+        code = main(["verify", *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and match in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_example_quick_mode(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "verify_bound.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "holds" in out.stdout
+    assert (tmp_path / "verify_bound.png").exists()
