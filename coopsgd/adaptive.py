@@ -189,11 +189,12 @@ class ADPSGD(PeriodSchedule):
     budget of averagings it pays to average often early and rarely late. Its exact schedule is not
     pinned down here; this class implements the following rule (coopsgd's choice).
 
-    **Rule.** After round ``r`` (period ``τ_r``) the loop reports the consensus distance just before
-    the averaging, ``Δ_r = (1/m) Σ_i ‖x_i − x̄‖²`` (see :func:`consensus_distance`). Since exact
-    averaging resets Δ to 0, Δ grows roughly linearly over a round, at rate ``ρ_r = Δ_r / τ_r``.
-    The target ``Δ*`` is the disagreement tolerated per round (by default the first measured
-    ``Δ_0``, i.e. the disagreement ``τ_0`` steps produce at the start). The next period is the
+    **Rule.** After round ``r`` (period ``τ_r``) the loop reports the consensus distance before the
+    averaging, ``Δ_r = (1/m) Σ_i ‖x_i − x̄‖²`` (see :func:`consensus_distance`), measured ``s`` steps
+    into the round (default ``s = τ_r``). Since exact averaging resets Δ to 0, Δ grows roughly
+    linearly over a round, at rate ``ρ_r = Δ_r / s``.
+    The target ``Δ*`` is the disagreement tolerated per round (by default ``ρ_0 τ_0``, the
+    disagreement the first round builds up). The next period is the
     longest one predicted to stay within the target, never shorter than the current one and
     growing by at most ``max_growth`` per round::
 
@@ -279,28 +280,34 @@ class ADPSGD(PeriodSchedule):
             return 1
         return max(1, math.ceil(remaining * (g - 1.0) / (g**left - 1.0) - _CEIL_SLACK))
 
-    def observe(self, *, consensus: float, tau: int | None = None, **_ignored) -> int:
-        """Record the consensus distance measured just before the last round's averaging.
+    def observe(self, *, consensus: float, steps: int | None = None, **_ignored) -> int:
+        """Record the consensus distance measured before the last round's averaging.
 
         Args:
-            consensus: Δ = (1/m) Σ_i ‖x_i − x̄‖² before the averaging that ended the round.
-            tau: that round's length; by default the period of the last round assigned.
+            consensus: Δ = (1/m) Σ_i ‖x_i − x̄‖² measured ``steps`` local steps after the previous
+                exact averaging, *before* this round's averaging (after it Δ is 0: a loop that
+                only has post-mixing values can pass the value after the round's second-to-last
+                step with ``steps = τ − 1``).
+            steps: how many local steps Δ accumulated over; by default the length of the last
+                round assigned.
 
         Returns:
             the period the next round will (at least, under the budget floor) use.
         """
         delta = _finite("ADPSGD consensus", consensus, positive=False,
                         rule="the consensus distance (1/m) sum ||x_i - mean||^2")
-        if tau is None:
-            if self._last_start is None:
-                raise ValueError("ADPSGD.observe called before any round was assigned; pass tau=")
-            tau = self._assigned[self._last_start]
-        tau = require_int("ADPSGD observed tau", tau, 1)
-        rate = delta / tau
+        if self._last_start is None:
+            raise ValueError("ADPSGD.observe called before any round was assigned (call tau_at first)")
+        length = self._assigned[self._last_start]
+        steps = length if steps is None else require_int("ADPSGD observed steps", steps, 1)
+        rate = delta / steps
         if self.target is None:
             if delta == 0:
-                raise ValueError("ADPSGD target (the first measured consensus distance) must be > 0, got 0.0")
-            self.target = delta
+                raise ValueError(
+                    "ADPSGD target (the first measured consensus distance) must be > 0, got 0.0; "
+                    "pass the consensus distance before the averaging, not after it"
+                )
+            self.target = rate * length  # the disagreement the first round builds up
         proposed = math.inf if rate == 0 else math.floor(self.target / rate + _CEIL_SLACK)
         cap = math.floor(self.max_growth * self.tau + _CEIL_SLACK)
         if self.max_growth > 1.0:
@@ -309,8 +316,7 @@ class ADPSGD(PeriodSchedule):
         if self.tau_max is not None:
             new = min(new, self.tau_max)
         self.tau = max(self.tau, int(new))
-        start = self._last_start if self._last_start is not None else 0
-        self.history.append(dict(start=start, tau=tau, consensus=delta, rate=rate))
+        self.history.append(dict(start=self._last_start, tau=length, consensus=delta, rate=rate))
         return self.tau
 
 

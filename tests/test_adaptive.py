@@ -228,6 +228,21 @@ class TestADPSGD:
         assert schedules.adpsgd is adpsgd and schedules.ADPSGD is ADPSGD
         assert schedules.AdaComm is AdaComm
 
+    def test_partial_round_measurement(self):
+        # Delta measured after tau - 1 = 3 of 4 steps: rate 1.5/3 = 0.5, target 0.5 * 4 = 2.
+        sched = adpsgd(4, 10**6, 10**6)
+        sched.tau_at(0)
+        assert sched.observe(consensus=1.5, steps=3) == 4
+        assert sched.target == pytest.approx(2.0)
+        sched.tau_at(4)
+        assert sched.observe(consensus=0.75, steps=3) == 8  # rate 0.25: floor(2 / 0.25) = 8
+
+    def test_first_consensus_after_averaging_is_rejected(self):
+        sched = adpsgd(4, 100, 50)
+        sched.tau_at(0)
+        with pytest.raises(ValueError, match="before the averaging"):
+            sched.observe(consensus=0.0)
+
     def test_observe_needs_a_round(self):
         with pytest.raises(ValueError, match="before any round"):
             adpsgd(2, 10, 5).observe(consensus=1.0)
