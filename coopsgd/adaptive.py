@@ -94,7 +94,9 @@ class AdaComm(PeriodSchedule):
         tau0: the initial period τ_0 ≥ 1 (the paper picks it by a short grid search).
         interval: T_0 > 0, the wall-clock length of an interval.
         loss0: F(x_0); by default the first observed loss.
-        lr0: η_0; by default the first observed ``lr`` (or ``lr_schedule(0)``), else 1.
+        lr0: η_0; by default the learning rate in effect at the first ``observe`` (``lr=`` or
+            ``lr_schedule(step)``), so a warm-up starting at 0 is harmless; without either the
+            learning-rate factor is 1.
         lr_schedule: optional ``step -> η`` (e.g. an optax schedule) used when ``observe`` is given
             a ``step`` but no ``lr``.
         tau_max: optional upper cap on τ.
@@ -157,11 +159,8 @@ class AdaComm(PeriodSchedule):
             raise ValueError(f"AdaComm time must not decrease: got {time!r} after {self.last_time!r}")
         self.last_time = time
         lr = self._lr(lr, step)
-        if self.lr0 is None:
-            if lr is not None:
-                self.lr0 = lr
-            elif self.lr_schedule is not None:
-                self.lr0 = self._lr(None, 0)
+        if self.lr0 is None and lr is not None:
+            self.lr0 = lr  # the rate in effect at the first observation (a warm-up may start at 0)
         if self.loss0 is None:
             if loss == 0:
                 raise ValueError("AdaComm loss0 (the first observed loss) must be > 0, got 0.0")
