@@ -255,7 +255,9 @@ class ShardMap(Backend):
 
     def columns(self, params):
         if self.v == 0:
-            return params
+            if all(x.is_fully_addressable for x in jax.tree.leaves(params)):
+                return params
+            return jax.jit(lambda p: p, out_shardings=self.replicated)(params)
         d, ml, m, v = self.num_devices, self.m_local, self.m, self.v
 
         def gather(x):

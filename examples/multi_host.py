@@ -1,0 +1,164 @@
+"""Cooperative SGD across processes: two local JAX processes × 2 CPU devices, ``jax.distributed``.
+
+Run ``python examples/multi_host.py`` (add ``--quick`` for a few steps). The launcher starts two
+copies of this script as workers on 127.0.0.1; each calls ``jax.distributed.initialize``, builds
+the same trainer with ``backend="shard_map"`` over the 4 global devices (m = 8 workers, two per
+device), and trains on the same global batches (every process passes the whole batch; each device
+reads its workers' rows). Process 0 writes the final columns to a file, and the launcher checks
+them against the same run on the simulate backend.
+
+On real hosts, run the worker part once per host with ``--worker --process-id I --num-processes N
+--coordinator HOST0:PORT`` (see docs/engine.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def problem(m: int, steps: int):
+    """A least-squares problem; the same on every process (deterministic data)."""
+    import jax.numpy as jnp
+    import networkx as nx
+    import numpy as np
+
+    import coopsgd
+
+    rng = np.random.default_rng(0)
+    batches = {"x": rng.normal(size=(steps, m, 16, 4)).astype(np.float32),
+               "y": rng.normal(size=(steps, m, 16)).astype(np.float32)}
+
+    def loss(params, batch):
+        return jnp.mean((batch["x"] @ params["w"] + params["b"] - batch["y"]) ** 2)
+
+    algorithms = {
+        "local_sgd": coopsgd.local_sgd(m, 2),
+        "ring_dpsgd": coopsgd.dpsgd(nx.cycle_graph(m)),
+        "easgd": coopsgd.easgd(m, tau=2),
+    }
+    init = {"w": np.zeros(4, np.float32), "b": np.float32(0.0)}
+    return algorithms, loss, init, batches
+
+
+def worker(args) -> None:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
+    import jax
+
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
+    import numpy as np
+    import optax
+
+    import coopsgd
+
+    algorithms, loss, init, batches = problem(args.m, args.steps)
+    out = {"process": jax.process_index(), "devices": jax.device_count(),
+           "local_devices": jax.local_device_count()}
+    for name, algo in algorithms.items():
+        trainer = coopsgd.CooperativeSGD(algo, optax.sgd(0.05), loss, backend="shard_map")
+        state, metrics = trainer.run(trainer.init(init), batches, args.steps)
+        cols = trainer.columns(state)  # replicated on every process
+        out[name] = {"w": np.asarray(cols["w"]).tolist(), "b": np.asarray(cols["b"]).tolist(),
+                     "loss": np.asarray(metrics.loss).tolist()}
+    if jax.process_index() == 0:
+        with open(args.out, "w") as f:
+            json.dump(out, f)
+    jax.distributed.shutdown()
+
+
+def launch(steps: int, m: int = 8, num_processes: int = 2, local_devices: int = 2,
+           timeout: float = 240.0) -> dict:
+    """Start ``num_processes`` workers on 127.0.0.1 and return process 0's results."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+        procs = [
+            subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--worker", "--process-id", str(i),
+                 "--num-processes", str(num_processes), "--coordinator", f"127.0.0.1:{port}",
+                 "--local-devices", str(local_devices), "--m", str(m), "--steps", str(steps),
+                 "--out", out],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(num_processes)
+        ]
+        deadline = time.time() + timeout
+        logs = []
+        for p in procs:
+            try:
+                logs.append(p.communicate(timeout=max(1.0, deadline - time.time()))[0])
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise RuntimeError("multi-host workers timed out:\n" + "\n".join(logs))
+        if any(p.returncode for p in procs):
+            raise RuntimeError("a worker failed:\n" + "\n---\n".join(logs))
+        with open(out) as f:
+            return json.load(f)
+
+
+def simulate(steps: int, m: int = 8) -> dict:
+    import numpy as np
+    import optax
+
+    import coopsgd
+
+    algorithms, loss, init, batches = problem(m, steps)
+    out = {}
+    for name, algo in algorithms.items():
+        trainer = coopsgd.CooperativeSGD(algo, optax.sgd(0.05), loss)
+        state, metrics = trainer.run(trainer.init(init), batches, steps)
+        out[name] = {"w": np.asarray(state.params["w"]).tolist(),
+                     "b": np.asarray(state.params["b"]).tolist(),
+                     "loss": np.asarray(metrics.loss).tolist()}
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps only")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--process-id", type=int, default=0)
+    parser.add_argument("--num-processes", type=int, default=2)
+    parser.add_argument("--coordinator", default="127.0.0.1:12345")
+    parser.add_argument("--local-devices", type=int, default=2)
+    parser.add_argument("--m", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--out", default="multi_host_result.json")
+    args = parser.parse_args(argv)
+    steps = args.steps or (4 if args.quick else 40)
+    if args.worker:
+        args.steps = steps
+        worker(args)
+        return {}
+    import numpy as np
+
+    multi = launch(steps, m=args.m, num_processes=args.num_processes,
+                   local_devices=args.local_devices)
+    ref = simulate(steps, m=args.m)
+    report = {"processes": args.num_processes, "global_devices": multi["devices"], "m": args.m,
+              "steps": steps}
+    for name in ref:
+        diff = max(float(np.max(np.abs(np.asarray(multi[name][k]) - np.asarray(ref[name][k]))))
+                   for k in ("w", "b"))
+        report[name] = {"max_abs_diff_vs_simulate": diff, "final_loss": multi[name]["loss"][-1]}
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
