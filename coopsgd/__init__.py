@@ -42,3 +42,9 @@ from coopsgd.engine import CooperativeSGD, EngineState, NonFiniteError, StepMetr
 
 __all__ += ["CooperativeSGD", "EngineState", "NonFiniteError", "StepMetrics", "backends",
             "communication", "mix"]
+
+# Adaptive and overlapping algorithms (issue 5): adaptive periods, outer updates at syncs, batch sizes.
+from coopsgd import adaptive, batching, outer  # noqa: E402
+from coopsgd.outer import local_sgd_global_momentum, overlap_local_sgd_momentum  # noqa: E402
+
+__all__ += ["adaptive", "batching", "outer", "local_sgd_global_momentum", "overlap_local_sgd_momentum"]
