@@ -357,7 +357,11 @@ class RunResult(dict):
 
 
 HISTORY_KEYS = ("step", "time", "loss", "batch_loss", "consensus", "test_accuracy", "tau")
-"""Columns of a run's history: one row per evaluation (step 0, every ``eval_every`` steps, the end)."""
+"""Columns of a run's history, one row per evaluation (step 0, then after each block that crosses a
+multiple of ``eval_every``, and at the end): ``time`` simulated seconds; ``loss`` the worker-averaged
+loss on the whole training set; ``batch_loss`` and ``consensus`` the means over the block's steps of
+the mini-batch loss and of the consensus distance (1/m) Σ‖x_i − x̄‖² after each step; ``test_accuracy``
+of the average of all columns; ``tau`` the period in force."""
 
 
 def _param_bytes(params) -> float:
@@ -597,7 +601,7 @@ def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool =
                 t_end = r.round_cache["stamps"][end - 1 - r.round_cache["start"]]
                 period.observe(loss=float(np.mean(loss)), time=float(t_end), step=end,
                                consensus=float(cons[-1]))
-            r._last = (float(np.mean(loss)), float(cons[-1]))
+            r._last = (float(np.mean(loss)), float(np.mean(cons)))
             if bar is not None:
                 bar.update(end - k)
                 bar.set_postfix(loss=f"{loss[-1]:.4f}")
