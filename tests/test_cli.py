@@ -1,0 +1,134 @@
+"""The command line: topology, compare and train end to end, and bad input → one line, exit 2."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from coopsgd import cli
+
+
+def _run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+class TestTopology:
+    def test_ring_summary(self, capsys):
+        code, out, err = _run(capsys, "topology", "ring", "--nodes", "8")
+        assert code == 0 and err == ""
+        # Metropolis ring: eigenvalues 1/3 + 2/3 cos(2 pi k / 8); zeta = 1/3 + 2/3 cos(pi/4).
+        zeta = 1 / 3 + 2 / 3 * np.cos(np.pi / 4)
+        assert f"zeta          {zeta:.6f}" in out
+        assert f"spectral gap  {1 - zeta:.6f}" in out
+        assert "ring on 8 nodes, 8 edges, degree 2..2" in out
+
+    def test_json_matrix_and_drawing(self, capsys, tmp_path):
+        png = tmp_path / "g.png"
+        code, out, _ = _run(capsys, "topology", "complete", "-n", "4", "--weights", "max_degree",
+                            "--json", "--matrix", "--draw", str(png))
+        facts = json.loads(out)
+        assert code == 0 and facts["zeta"] == pytest.approx(0.0, abs=1e-12)
+        np.testing.assert_allclose(facts["W"], np.full((4, 4), 0.25))
+        assert png.read_bytes()[:4] == b"\x89PNG"
+
+    def test_help_exits_zero(self, capsys):
+        assert cli.main(["--help"]) == 0
+        assert "compare" in capsys.readouterr().out
+
+
+BAD = [
+    (["topology", "moebius", "-n", "4"], "unknown topology 'moebius'; valid names: ring, path, torus"),
+    (["topology", "ring", "-n", "4", "--weights", "uniform"], "valid rules: metropolis, max_degree"),
+    (["topology", "ring", "-n", "0"], "--nodes must be >= 1"),
+    (["topology", "torus", "-n", "8"], "torus needs n = k*k"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "choose a command: compare, train, topology, verify"),
+    (["compare", "--algorithms", "local_sgd,sgdx"], "unknown algorithm 'sgdx'; valid algorithms: fully_sync"),
+    (["compare", "--steps", "0"], "steps must be an integer >= 1, got 0"),
+    (["compare", "--workers", "0"], "workers must be an integer >= 1, got 0"),
+    (["compare", "--topology", "moebius"], "unknown topology 'moebius'; valid names:"),
+    (["compare", "--set", "bogus=1"], "unknown config key 'bogus'; valid keys:"),
+    (["compare", "--workers", "5000"], "workers = 5000 exceeds the 1438 training examples"),
+    (["compare", "--data", "/no/such/file.npz"], "data file '/no/such/file.npz' does not exist"),
+    (["train"], "train needs --config"),
+    (["train", "--config", "/no/such/run.toml"], "config file '/no/such/run.toml' does not exist"),
+    (["train", "--resume", "/no/such/dir"], "no complete checkpoint found"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD)
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, message):
+    out_dir = tmp_path / "out"
+    argv = list(argv)
+    if argv and argv[0] in ("compare", "train") and "--out" not in argv:
+        argv += ["--out", str(out_dir)]
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert message in err
+    assert not out_dir.exists()
+
+
+class TestFilesAndConfigErrors:
+    def _expect(self, capsys, tmp_path, argv, message):
+        out_dir = tmp_path / "out"
+        code, _, err = _run(capsys, *argv, "--out", str(out_dir))
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+        assert not out_dir.exists()
+
+    def test_invalid_toml_and_unknown_key(self, capsys, tmp_path):
+        bad = tmp_path / "bad.toml"
+        bad.write_text("workers = [\n")
+        self._expect(capsys, tmp_path, ["train", "--config", str(bad)], "is not valid TOML")
+        bad.write_text("wrokers = 4\n")
+        self._expect(capsys, tmp_path, ["train", "--config", str(bad)], "unknown config key 'wrokers'")
+        bad.write_text("steps = -3\n")
+        self._expect(capsys, tmp_path, ["train", "--config", str(bad)], "steps must be an integer >= 1")
+
+    def test_malformed_data_and_more_workers_than_examples(self, capsys, tmp_path):
+        junk = tmp_path / "junk.npz"
+        junk.write_bytes(b"definitely not a zip")
+        self._expect(capsys, tmp_path, ["compare", "--data", str(junk)], "is not a valid .npz")
+        small = tmp_path / "small.npz"
+        np.savez(small, x=np.zeros((6, 3)), y=np.array([0, 1, 0, 1, 0, 1]))
+        # 6 examples, a fifth held out for testing: 5 training examples for 8 workers.
+        self._expect(capsys, tmp_path, ["compare", "--data", str(small)], "workers = 8 exceeds the 5 training examples")
+
+    def test_unwritable_output_folder(self, capsys, tmp_path):
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        code, _, err = _run(capsys, "compare", "--quick", "--out", str(blocker / "sub"))
+        assert code == 2 and "cannot create output folder" in err and err.count("\n") == 1
+
+
+def test_compare_end_to_end(capsys, tmp_path):
+    code, out, err = _run(capsys, "compare", "--algorithms", "local_sgd,dpsgd", "--steps", "32",
+                          "--workers", "4", "--set", "eval_every=16", "--no-progress", "--out", str(tmp_path))
+    assert code == 0, err
+    lines = out.splitlines()
+    header = next(i for i, l in enumerate(lines) if l.startswith("algorithm"))
+    assert lines[header].split()[:3] == ["algorithm", "train", "loss"]
+    assert lines[header + 2].split()[0] == "local_sgd" and lines[header + 3].split()[0] == "dpsgd"
+    results = json.loads((tmp_path / "results.json").read_text())
+    local, dpsgd = (r["summary"] for r in results["runs"])
+    # tau = 8 over 32 steps: 4 all-reduces; D-PSGD mixes after each of the 32 steps.
+    assert (local["comm_rounds"], dpsgd["comm_rounds"]) == (4, 32)
+    for name in ("results.csv", "history.csv", "loss_vs_step.png", "loss_vs_time.png", "consensus.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("name,final_train_loss")
+
+
+def test_train_with_overrides(capsys, tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('algorithm = "easgd"\nworkers = 4\nsteps = 16\neval_every = 8\n[optimizer]\nlr = 0.05\n')
+    code, out, err = _run(capsys, "train", "--config", str(cfg), "--set", "tau=4", "--set", "optimizer.name=momentum",
+                          "--out", str(tmp_path / "o"), "--no-progress")
+    assert code == 0, err
+    run = json.loads((tmp_path / "o" / "results.json").read_text())["runs"][0]
+    assert run["config"]["tau"] == 4 and run["config"]["optimizer.name"] == "momentum"
+    assert run["config"]["optimizer.lr"] == 0.05
+    assert run["summary"]["comm_rounds"] == 4 and run["history"]["step"] == [0, 8, 16]
+    assert "easgd" in out
