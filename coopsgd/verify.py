@@ -375,40 +375,70 @@ def format_table(rows: Sequence[BoundCheck]) -> str:
     return "\n".join(lines)
 
 
-def plot(panels: dict[str, tuple[str, Sequence[float], Sequence[BoundCheck]]], path, *, title: str = ""):
+def plot(panels: dict[str, tuple[str, Sequence[float], Sequence[BoundCheck]]], path, *, title: str = "",
+         ncols: int = 3):
     """Empirical (with ±2 s.e. bars and the exact value where known) against the bound, log scale.
+
+    Each panel also shows the bound's network term and the workers' own models
+    (:attr:`BoundCheck.local_models`, not bounded by the theorem). Bound markers are hollow where
+    the theorem's assumptions do not hold (η beyond the step-size condition, heterogeneous data).
 
     Args:
         panels: ``{panel title: (x-axis label, x values, rows)}``; one subplot each.
         path: where to save the PNG.
+        title: a figure title.
+        ncols: panels per row.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    for ax, (name, (xlabel, xs, rows)) in zip(axes[0], panels.items()):
+    ncols = min(ncols, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.7 * nrows), squeeze=False)
+    for ax, (name, (xlabel, xs, rows)) in zip(axes.flat, panels.items()):
         xs = np.asarray(xs, dtype=float)
+        pos = np.arange(len(xs)) if len(set(xs)) < len(xs) or not np.all(xs > 0) else xs
+        categorical = pos is not xs
+        total = np.array([r.bound.total for r in rows])
+        ax.plot(pos, total, "-", color="tab:red", label="bound (Thm 1)")
+        ok = np.array([r.applies for r in rows])
+        ax.plot(pos[ok], total[ok], "o", color="tab:red")
+        ax.plot(pos[~ok], total[~ok], "o", mfc="none", color="tab:red", label="bound, outside assumptions")
+        net = np.array([r.bound.network for r in rows])
+        ax.plot(pos[net > 0], net[net > 0], ":", color="tab:red", alpha=0.6, label="network term")
         emp = np.array([r.empirical for r in rows])
         se = np.array([r.stderr for r in rows])
-        ax.plot(xs, [r.bound.total for r in rows], "o-", color="tab:red", label="bound (Thm 1)")
-        ax.plot(xs, [r.bound.network for r in rows], ":", color="tab:red", alpha=0.6, label="network term")
-        ax.errorbar(xs, emp, yerr=2 * se, fmt="s-", color="tab:blue", capsize=3, label="empirical ±2 s.e.")
+        ax.errorbar(pos, emp, yerr=2 * se, fmt="s-", color="tab:blue", capsize=3, label="E‖∇F(u_k)‖² ±2 s.e.")
         if all(r.exact is not None for r in rows):
-            ax.plot(xs, [r.exact for r in rows], "x", color="k", ms=8, label="exact (recursion)")
+            ax.plot(pos, [r.exact for r in rows], "x", color="k", ms=8, label="exact (recursion)")
+        ax.plot(pos, [r.local_models for r in rows], "^--", color="tab:green", ms=4, alpha=0.8,
+                label="workers' own models")
         ax.set_yscale("log")
-        if np.all(xs > 0) and xs.max() / xs.min() > 8:
+        if not categorical and xs.max() / xs.min() > 8:
             ax.set_xscale("log", base=2)
-        ax.set_xticks(xs)
-        ax.set_xticklabels([f"{x:g}" for x in xs])
+        ax.set_xticks(pos)
+        ax.set_xticklabels([f"{x:g}" for x in xs], fontsize=8)
+        ax.minorticks_off() if not categorical and xs.max() / xs.min() > 8 else None
         ax.set_xlabel(xlabel)
         ax.set_title(name, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("(1/K) Σ E‖∇F(u_k)‖²")
-    axes[0][0].legend(fontsize=7)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("(1/K) Σ_k E‖∇F(·)‖²")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes.flat[1: len(panels)]:  # collect legend entries that only some panels have
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if len(panels) < nrows * ncols:
+        axes.flat[len(panels)].legend(handles, labels, loc="center", fontsize=9)
+    else:
+        axes[0][0].legend(handles, labels, fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
