@@ -48,3 +48,11 @@ from coopsgd import adaptive, batching, outer  # noqa: E402
 from coopsgd.outer import local_sgd_global_momentum, overlap_local_sgd_momentum  # noqa: E402
 
 __all__ += ["adaptive", "batching", "outer", "local_sgd_global_momentum", "overlap_local_sgd_momentum"]
+
+# Theory and its numerical verification (issue 4): bounds, problems with known constants, the harness.
+from coopsgd import problems, theory, verify  # noqa: E402
+from coopsgd.theory import bound_for, cooperative_bound  # noqa: E402
+from coopsgd.verify import check_bound, exact_expected_error  # noqa: E402
+
+__all__ += ["problems", "theory", "verify", "bound_for", "cooperative_bound", "check_bound",
+            "exact_expected_error"]
