@@ -62,7 +62,7 @@ DEFAULTS: dict[str, object] = {
     "split": "iid",
     "dirichlet_alpha": 0.5,
     "test_fraction": 0.2,
-    "eval_every": 20,
+    "eval_every": 16,
     "out": "runs/train",
     "optimizer.name": "sgd",
     "optimizer.lr": 0.1,
@@ -688,6 +688,9 @@ def _atomic_write(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
+        from coopsgd.plotting import _default_mode
+
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

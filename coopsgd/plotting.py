@@ -14,6 +14,7 @@ import networkx as nx
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
 
 __all__ = ["plot_curves", "plot_run_figures", "plot_topology", "RUN_FIGURES"]
 
@@ -25,6 +26,16 @@ RUN_FIGURES = {
 """File name → (x key, y key, x label, y label) of the figures every results folder gets."""
 
 
+_STYLES = ("-", "--", "-.", ":")
+
+
+def _default_mode() -> int:
+    """0o666 less the process umask: what a plain open() would have created (mkstemp gives 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _save(fig: Figure, path) -> str:
     path = os.fspath(path)
     FigureCanvasAgg(fig)
@@ -33,6 +44,7 @@ def _save(fig: Figure, path) -> str:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, format="png")
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -47,15 +59,18 @@ def plot_curves(histories: dict, x: str, y: str, path, *, xlabel: str | None = N
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
     positive = True
-    for label, hist in histories.items():
+    for i, (label, hist) in enumerate(histories.items()):
         if y not in hist or not len(hist[y]):
             continue
         xs, ys = np.asarray(hist[x], float), np.asarray(hist[y], float)
         keep = np.isfinite(ys)
         positive &= bool(np.all(ys[keep] > 0))
-        ax.plot(xs[keep], ys[keep], label=label, lw=1.6)
+        ax.plot(xs[keep], ys[keep], label=label, lw=1.6, ls=_STYLES[(i // 10 + i) % len(_STYLES)])
     if logy and positive:
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or y)
     if title:
