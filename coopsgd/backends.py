@@ -75,7 +75,7 @@ class Backend:
         raise NotImplementedError
 
     def place_batches(self, batches):
-        """Batches with leaves (R, L, m, …)."""
+        """Batches with leaves (steps, m, …)."""
         raise NotImplementedError
 
     def replicate(self, x):
@@ -85,8 +85,10 @@ class Backend:
         """The n columns as one pytree with leading axis n."""
         raise NotImplementedError
 
-    def compile(self, local_fn, summarize):
-        """A callable ``(params, opt, step, key, batches, coefs) → (params, opt, outs)``."""
+    def compile(self, local_fn, summarize, steps: int, rounds: int):
+        """The launched program ``(params, opt, step, rounds, key, batches, coefs) →
+        (params, opt, step + steps, rounds + rounds, summary)`` around the per-device
+        ``local_fn(params, opt, step, key, batches, coefs) → (params, opt, outs)``."""
         raise NotImplementedError
 
 
@@ -107,10 +109,10 @@ class Simulate(Backend):
     def columns(self, params):
         return params
 
-    def compile(self, local_fn, summarize):
-        def program(params, opt, step, key, batches, coefs):
+    def compile(self, local_fn, summarize, steps: int, rounds: int):
+        def program(params, opt, step, count, key, batches, coefs):
             params, opt, outs = local_fn(params, opt, step, key, batches, coefs)
-            return params, opt, summarize(outs)
+            return params, opt, step + steps, count + rounds, summarize(outs)
 
         return jax.jit(program)
 
@@ -139,17 +141,15 @@ class Pmap(Backend):
         d, ml = self.num_devices, self.m_local
 
         def one(x):
-            r, l = x.shape[:2]
-            x = x.reshape((r, l, d, ml) + x.shape[3:])
-            perm = (2, 0, 1, 3) + tuple(range(4, x.ndim))
-            return np.transpose(x, perm) if isinstance(x, np.ndarray) else jnp.transpose(x, perm)
+            x = x.reshape((x.shape[0], d, ml) + x.shape[2:])
+            return np.swapaxes(x, 0, 1) if isinstance(x, np.ndarray) else jnp.swapaxes(x, 0, 1)
 
         return jax.tree.map(one, batches)
 
     def columns(self, params):
         return jax.tree.map(self.from_blocks, params)
 
-    def compile(self, local_fn, summarize):
+    def compile(self, local_fn, summarize, steps: int, rounds: int):
         mapped = pmap_program(local_fn, self.devices)
         m = self.m
 
@@ -165,9 +165,9 @@ class Pmap(Backend):
                     "consensus": None if outs["consensus"] is None else outs["consensus"][0]}
             return summarize(outs)
 
-        def program(params, opt, step, key, batches, coefs):
+        def program(params, opt, step, count, key, batches, coefs):
             params, opt, outs = mapped(params, opt, step, key, batches, coefs)
-            return params, opt, finish(outs)
+            return params, opt, step + steps, count + rounds, finish(outs)
 
         return program
 
@@ -214,7 +214,7 @@ class ShardMap(Backend):
         self.num_devices = mesh.shape[AXIS]
         self.axis = AXIS
         self.sharded = NamedSharding(mesh, P(AXIS))
-        self.batch_sharding = NamedSharding(mesh, P(None, None, AXIS))
+        self.batch_sharding = NamedSharding(mesh, P(None, AXIS))
         self.replicated = NamedSharding(mesh, P())
         super().__init__(m, v)
 
@@ -267,23 +267,34 @@ class ShardMap(Backend):
 
         return jax.jit(lambda p: jax.tree.map(gather, p), out_shardings=self.replicated)(params)
 
-    def compile(self, local_fn, summarize):
+    def compile(self, local_fn, summarize, steps: int, rounds: int):
+        mapped = self.shard_mapped(local_fn)
+        replicated = self.replicated
+
+        @jax.jit
+        def main(params, opt, step, count, key, batches, coefs):
+            params, opt, outs = mapped(params, opt, step, key, batches, coefs)
+            return params, opt, step + steps, count + rounds, outs
+
+        summary = jax.jit(summarize, out_shardings=replicated)
+
+        def program(params, opt, step, count, key, batches, coefs):
+            params, opt, step, count, outs = main(params, opt, step, count, key, batches, coefs)
+            return params, opt, step, count, summary(outs)
+
+        return program
+
+    def shard_mapped(self, local_fn):
+        """``local_fn`` under ``jax.shard_map``: params, optimizer state and batches split over the
+        worker axis, everything else replicated. The mean loss is computed by a separate program
+        so that the training step's own collectives are only the mixing's."""
         spec_out = {"losses": P(None, AXIS), "aux": P(None, AXIS), "consensus": P()}
-        mapped = jax.shard_map(
+        return jax.shard_map(
             local_fn, mesh=self.mesh,
-            in_specs=(P(AXIS), P(AXIS), P(), P(), P(None, None, AXIS), P()),
+            in_specs=(P(AXIS), P(AXIS), P(), P(), P(None, AXIS), P()),
             out_specs=(P(AXIS), P(AXIS), spec_out),
             check_vma=False,
         )
-        main = jax.jit(mapped)
-        summary = jax.jit(summarize, out_shardings=self.replicated)
-
-        def program(params, opt, step, key, batches, coefs):
-            params, opt, outs = main(params, opt, step, key, batches, coefs)
-            return params, opt, summary(outs)
-
-        program.lower_main = main.lower
-        return program
 
 
 def make_backend(name, m: int, v: int, devices=None, mesh=None) -> Backend:

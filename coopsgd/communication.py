@@ -64,6 +64,8 @@ class MixPlan(NamedTuple):
         shifts: for each slot, the circulant offset ``o`` (``π_s(j) = (j + o) mod m``) or None.
         worker_to_aux: whether ``W_wa ≠ 0`` (auxiliary columns gather from workers: all-reduce).
         aux_to_worker: whether ``W_aw ≠ 0`` (workers read the replicated auxiliary columns).
+        self_weight: whether the worker block has a diagonal term to apply (False for an exact
+            average J, where ``new = c · Σ_i x_i`` needs no ``d · x`` pass).
     """
 
     m: int
@@ -73,6 +75,7 @@ class MixPlan(NamedTuple):
     shifts: tuple = ()
     worker_to_aux: bool = False
     aux_to_worker: bool = False
+    self_weight: bool = True
 
     @property
     def communicates(self) -> bool:
@@ -147,7 +150,9 @@ def _plan(support: np.ndarray, m: int, v: int, values: np.ndarray | None) -> Mix
     if values is not None and m > 1:
         off_vals = values[:m, :m][~np.eye(m, dtype=bool)]
         if np.all(np.abs(off_vals - off_vals[0]) <= _TOL) and abs(off_vals[0]) > _TOL:
-            return MixPlan(m, v, "mean", worker_to_aux=to_aux, aux_to_worker=from_aux)
+            self_weight = bool(np.any(np.abs(np.diag(values[:m, :m]) - off_vals[0]) > _TOL))
+            return MixPlan(m, v, "mean", worker_to_aux=to_aux, aux_to_worker=from_aux,
+                           self_weight=self_weight)
     slots, shifts = _slots_from_support(offdiag)
     if len(slots) < m - 1:
         return MixPlan(m, v, "neighbour", slots, shifts, to_aux, from_aux)
@@ -437,10 +442,13 @@ def mix_local(plan: MixPlan, workers, aux, coef, axis=None, num_devices: int = 1
             full = x if axis is None else lax.all_gather(x, axis, tiled=True)
             cols = _local_slice(coef["dense"], device, ml, axis=1)
             return jnp.tensordot(cols.T.astype(x.dtype), full, axes=1)
-        out = _bcast(_local_slice(coef["d"], device, ml), x) * x
         if plan.kind == "mean":
-            out = out + coef["c"].astype(x.dtype) * psum(jnp.sum(x, axis=0, keepdims=True))
-        elif plan.kind == "neighbour":
+            total = coef["c"].astype(x.dtype) * psum(jnp.sum(x, axis=0, keepdims=True))
+            if not plan.self_weight:  # exact averaging: every worker takes c · Σ_i x_i
+                return jnp.broadcast_to(total, x.shape)
+            return _bcast(_local_slice(coef["d"], device, ml), x) * x + total
+        out = _bcast(_local_slice(coef["d"], device, ml), x) * x
+        if plan.kind == "neighbour":
             slot_coef = _local_slice(coef["slots"], device, ml, axis=1)
             for s in range(len(plan.slots)):
                 out = out + _bcast(slot_coef[s], x) * shifted(x, s)

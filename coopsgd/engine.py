@@ -190,6 +190,7 @@ class CooperativeSGD:
         self.m, self.v, self.n = algorithm.m, algorithm.v, algorithm.n
         self.backend = _backends.make_backend(backend, self.m, self.v, devices=devices, mesh=mesh)
         self._programs: dict = {}
+        self._coef_cache: dict = {}
         self._checked_batches: set = set()
         sched = algorithm.mixing
         if sched.cycle is not None:
@@ -355,6 +356,7 @@ class CooperativeSGD:
                     outs = outs_last
                 return (x, z, o, k), outs
 
+            batches = jax.tree.map(lambda a: a.reshape((rounds, length) + a.shape[1:]), batches)
             (work, aux_cols, opt, _), (losses, aux, cons) = lax.scan(
                 one_round, (work, aux_cols, opt, step), (batches, coefs))
             flat = lambda a: a.reshape((rounds * length,) + a.shape[2:])  # noqa: E731
@@ -380,8 +382,23 @@ class CooperativeSGD:
         if key not in self._programs:
             be = self.backend
             local = self._local_program(rounds, length, plan, be.num_devices, be.axis)
-            self._programs[key] = be.compile(local, self._summarize)
+            self._programs[key] = be.compile(local, self._summarize, rounds * length,
+                                             rounds if plan is not None else 0)
         return self._programs[key]
+
+    def _stacked_coefficients(self, r0: int, rounds: int):
+        """Coefficients of mixings r0 … r0 + rounds − 1, stacked, as device arrays (cached when
+        they repeat: a static or cyclic W)."""
+        if self._cycle_coefs is not None:
+            cycle = len(self._cycle_coefs)
+            key = (r0 % cycle, rounds)
+            if key not in self._coef_cache:
+                coefs = [self._cycle_coefs[(r0 + i) % cycle] for i in range(rounds)]
+                self._coef_cache[key] = jax.tree.map(
+                    lambda *c: self.backend.replicate(jnp.asarray(np.stack(c))), *coefs)
+            return self._coef_cache[key]
+        coefs = [self.mixing_coefficients(r0 + i) for i in range(rounds)]
+        return jax.tree.map(lambda *c: np.stack(c), *coefs)
 
     def round_fn(self, tau: int, r: int = 0, mix: bool = True) -> Callable:
         """A pure, jittable, vmappable function for one round on the simulate layout.
@@ -414,8 +431,8 @@ class CooperativeSGD:
 
         def f(state: EngineState, batches):
             coefs = jax.tree.map(lambda c: jnp.asarray(c)[None], coef)
-            b = jax.tree.map(lambda x: x[None], batches)
-            params, opt, outs = local(state.params, state.opt_state, state.step, state.key, b, coefs)
+            params, opt, outs = local(state.params, state.opt_state, state.step, state.key, batches,
+                                      coefs)
             s = summarize(outs)
             new = EngineState(params, opt, state.step + tau, state.rounds + rounds_inc, state.key)
             return new, self._metrics(s, jnp.asarray(communicated))
@@ -433,7 +450,7 @@ class CooperativeSGD:
         if not leaves:
             raise ValueError(f"{what} has no array leaves")
         for path, leaf in leaves:
-            shape = tuple(np.shape(leaf))
+            shape = tuple(getattr(leaf, "shape", np.shape(leaf)))
             name = jax.tree_util.keystr(path) or ""
             if shape[: len(lead)] != lead:
                 if len(lead) == 1:
@@ -446,7 +463,7 @@ class CooperativeSGD:
                     f"{what}{name} has shape {shape} but needs leading axes {lead} "
                     f"(steps, m = {self.m}, ...)"
                 )
-        single = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[len(lead):], x.dtype), batch)
+        single = jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape)[len(lead):], x.dtype), batch)
         sig = str(jax.tree.structure(single)) + str(_leaves_shapes(single))
         if sig in self._checked_batches:
             return
@@ -472,28 +489,24 @@ class CooperativeSGD:
 
     # --------------------------------------------------------------------------- training
     def _call(self, state: EngineState, batches, rounds: int, length: int, r0: int, mixes: bool):
-        """Run ``rounds`` rounds of ``length`` steps starting at round index ``r0``."""
+        """Run ``rounds`` rounds of ``length`` steps starting at round index ``r0``; ``batches``
+        leaves have shape (rounds·length, m, …)."""
         lead = self._lead
         self._column_spec = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape[lead:], x.dtype), state.params)
-        self._check_batch(jax.tree.map(lambda x: x[0, 0], batches), (self.m,), "batch")
+        self._check_batch(
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batches),
+            (self.m,), "batch")
         plan = self.plan(r0) if mixes else None
-        if mixes:
-            coefs = [self.mixing_coefficients(r0 + i) for i in range(rounds)]
-            coefs = jax.tree.map(lambda *c: np.stack(c), *coefs)
-        else:
-            coefs = {}
-        be = self.backend
+        coefs = self._stacked_coefficients(r0, rounds) if mixes else {}
         program = self._program(rounds, length, plan)
-        params, opt, s = program(state.params, state.opt_state, state.step, state.key,
-                                 be.place_batches(batches), coefs)
-        total = rounds * length
-        communicated = np.zeros(total, bool)
+        params, opt, step, count, s = program(state.params, state.opt_state, state.step,
+                                              state.rounds, state.key,
+                                              self.backend.place_batches(batches), coefs)
+        communicated = np.zeros(rounds * length, bool)
         if mixes and plan.communicates:
             communicated[length - 1 :: length] = True
-        new = EngineState(params, opt, state.step + total, state.rounds + (rounds if mixes else 0),
-                          state.key)
-        return new, self._metrics(s, communicated)
+        return EngineState(params, opt, step, count, state.key), self._metrics(s, communicated)
 
     @property
     def _lead(self) -> int:
@@ -507,7 +520,7 @@ class CooperativeSGD:
         period = self.algorithm.period
         mixes = period.communicates(k)
         r = period.round_index(k)
-        batches = jax.tree.map(lambda x: x[None, None], batch)
+        batches = jax.tree.map(lambda x: x[None], batch)
         new, metrics = self._call(state, batches, 1, 1, r, mixes)
         return new, jax.tree.map(lambda x: x[0], metrics)
 
@@ -560,12 +573,14 @@ class CooperativeSGD:
             tau = period.constant_tau
             if mixes and tau is not None and length == tau and self.uniform_plan:
                 rounds = max(1, min(remaining // tau, self.steps_per_call // tau))
-            batch = source.take(k - k0, rounds * length, rounds, length)
+            batch = source.take(k - k0, rounds * length)
             state, metrics = self._call(state, batch, rounds, length, r, mixes)
             if check_finite:
                 self._raise_if_nonfinite(metrics, k)
             pieces.append(metrics)
             k += rounds * length
+        if len(pieces) == 1:
+            return state, pieces[0]
         if not pieces:
             empty = StepMetrics(np.zeros((0, self.m)), np.zeros(0), np.zeros(0, bool),
                                 np.zeros(0) if self.track_consensus else None, np.zeros(0, bool))
@@ -587,18 +602,13 @@ class CooperativeSGD:
         """The lowered program of one step (``mixes``: with the r-th mixing), to read its HLO:
         ``trainer.lower_step(state, batch).compile().as_text()``."""
         self._check_batch_leading(batch)
-        batches = self.backend.place_batches(jax.tree.map(lambda x: x[None, None], batch))
+        batches = self.backend.place_batches(jax.tree.map(lambda x: x[None], batch))
         plan = self.plan(r) if mixes else None
         coefs = jax.tree.map(lambda c: np.asarray(c)[None], self.mixing_coefficients(r)) if mixes else {}
         be = self.backend
         local = self._local_program(1, 1, plan, be.num_devices, be.axis)
         if isinstance(be, _backends.ShardMap):
-            from jax.sharding import PartitionSpec as P
-            spec_out = {"losses": P(None, be.axis), "aux": P(None, be.axis), "consensus": P()}
-            fn = jax.jit(jax.shard_map(
-                local, mesh=be.mesh,
-                in_specs=(P(be.axis), P(be.axis), P(), P(), P(None, None, be.axis), P()),
-                out_specs=(P(be.axis), P(be.axis), spec_out), check_vma=False))
+            fn = jax.jit(be.shard_mapped(local))
         elif isinstance(be, _backends.Pmap):
             mapped = jax.pmap(lambda args: local(*args), axis_name=be.axis,
                               in_axes=((0, 0, None, None, 0, None),), devices=be.devices)
@@ -632,9 +642,11 @@ class _BatchSource:
                         f"leaves of shape (steps, m, ...) with steps >= {steps} and m = {m}"
                     )
 
-    def take(self, offset: int, count: int, rounds: int, length: int):
+    def take(self, offset: int, count: int):
         if self.kind == "stacked":
-            out = jax.tree.map(lambda x: x[offset: offset + count], self.tree)
+            out = jax.tree.map(
+                lambda x: x if (offset == 0 and x.shape[0] == count) else x[offset: offset + count],
+                self.tree)
         else:
             items = [self.fn(offset + i) if self.kind == "callable" else next(self.it)
                      for i in range(count)]
@@ -645,5 +657,5 @@ class _BatchSource:
                             f"batch{jax.tree_util.keystr(path)} has shape {np.shape(leaf)} but every "
                             f"batch leaf needs leading axis m = {self.m}")
             out = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *items)
-        return jax.tree.map(lambda x: x.reshape((rounds, length) + x.shape[1:]), out)
+        return out
 
