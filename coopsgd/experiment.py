@@ -92,7 +92,7 @@ _CHOICES = {
     "runtime.compute": ("constant", "exponential", "shifted_exponential"),
     "runtime.comm": ("network", "constant", "random"),
 }
-_INTS = {"workers": 1, "tau": 1, "steps": 1, "batch_size": 1, "seed": 0, "eval_every": 1,
+_INTS = {"workers": 1, "steps": 1, "batch_size": 1, "seed": 0, "eval_every": 1,
          "optimizer.warmup_steps": 0, "optimizer.decay_every": 0, "adacomm_tau0": 1}
 _POSITIVE = {"optimizer.lr", "dirichlet_alpha", "runtime.compute_time", "runtime.straggler_slowdown",
              "runtime.bandwidth", "adacomm_interval", "budget"}
@@ -176,7 +176,27 @@ def load_toml(path) -> dict[str, object]:
         raise ValueError(f"config file {path!r} is not valid TOML: {err}") from None
 
 
+def _check_tau(value):
+    """τ: an integer >= 1, or piecewise ``[[start_step, tau], ...]`` starting at step 0."""
+    if isinstance(value, list):
+        from coopsgd import schedules
+
+        try:
+            pairs = [tuple(p) for p in value]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError("each entry must be [start_step, tau]")
+            schedules.piecewise(pairs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"tau as a schedule must be [[0, tau0], [start, tau], ...]: {err}") from None
+        return [[int(a), int(b)] for a, b in pairs]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"tau must be an integer >= 1 or a list [[0, tau0], [start, tau], ...], got {value!r}")
+    return int(value)
+
+
 def _check_value(key: str, value):
+    if key == "tau":
+        return _check_tau(value)
     if key in _INTS:
         if value is None and key == "adacomm_tau0":
             return None
@@ -245,6 +265,10 @@ def build_algorithm(cfg: Mapping, param_bytes: float = 0.0):
     from coopsgd import topology
 
     name, m, tau = cfg["algorithm"], cfg["workers"], cfg["tau"]
+    if isinstance(tau, list):
+        if name in ("fully_sync", "dpsgd", "matcha", "adacomm"):
+            raise ValueError(f"a tau schedule does not apply to {name} (its period is fixed or adaptive)")
+        tau = coopsgd.schedules.piecewise([tuple(p) for p in tau])
     graph = None
     if name in ("dpsgd", "decentralized_periodic", "matcha"):
         if m < 2:
@@ -586,7 +610,7 @@ def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool =
                 r.state, metrics = r.trainer.run(r.state, r.sampler.batches(k, end - k), end - k)
                 loss, comm, cons = (np.asarray(metrics.loss), np.asarray(metrics.communicated),
                                     np.asarray(metrics.consensus))
-            else:  # an adaptive period: one round at a time, step by step (one compiled step)
+            else:  # a varying period: one round at a time, step by step (one compiled step)
                 end = min(period.round_start(period.round_index(k) + 1), steps)
                 r.times(k, end - k)
                 parts = []
@@ -597,7 +621,7 @@ def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool =
             for i in np.flatnonzero(comm):
                 r.mixings += 1
                 r.bytes += r._traffic(period.round_index(k + int(i))).total_bytes
-            if block is None and period.communicates(end - 1):
+            if block is None and hasattr(period, "observe") and period.communicates(end - 1):
                 t_end = r.round_cache["stamps"][end - 1 - r.round_cache["start"]]
                 period.observe(loss=float(np.mean(loss)), time=float(t_end), step=end,
                                consensus=float(cons[-1]))

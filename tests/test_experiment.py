@@ -80,6 +80,15 @@ class TestBuilders:
         algo, _ = ex.build_algorithm(ex.make_config({"algorithm": "adacomm", "tau": 4}), 100.0)
         assert algo.period.tau_at(0) == 8  # default tau0 = 2 * tau
 
+    def test_tau_schedule(self):
+        cfg = ex.make_config({"tau": [[0, 8], [40, 2]]})
+        algo, _ = ex.build_algorithm(cfg)
+        assert [algo.period.tau_at(s) for s in (0, 32, 40, 42)] == [8, 8, 2, 2]
+        with pytest.raises(ValueError, match="must start at step 0"):
+            ex.make_config({"tau": [[1, 8]]})
+        with pytest.raises(ValueError, match="does not apply to dpsgd"):
+            ex.build_algorithm(ex.make_config({"tau": [[0, 2]], "algorithm": "dpsgd"}))
+
     def test_decentralized_needs_two_workers(self):
         with pytest.raises(ValueError, match="workers >= 2"):
             ex.build_algorithm(ex.make_config({"algorithm": "dpsgd", "workers": 1}))
@@ -135,6 +144,14 @@ class TestRuns:
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         # AdaComm changed its period along the way (so its state really was restored).
         assert len(set(full["history"]["tau"])) > 1
+
+    def test_piecewise_period_run(self, digits):
+        cfg = ex.make_config(SMALL, {"tau": [[0, 8], [16, 2]], "steps": 24})
+        res = ex.run(cfg, dataset=digits)
+        # Rounds: 2 of 8 steps, then 4 of 2 steps: 6 averagings; time 6 * 0.05 + 24 * 0.01.
+        assert res["summary"]["comm_rounds"] == 6
+        assert res["summary"]["simulated_time"] == pytest.approx(6 * 0.05 + 24 * 0.01)
+        assert res["history"]["tau"] == [8, 8, 2]
 
     def test_resume_rejects_another_config(self, digits, tmp_path):
         cfg = ex.make_config(SMALL, {"algorithm": "local_sgd", "steps": 16})
