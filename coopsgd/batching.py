@@ -44,6 +44,7 @@ __all__ = [
     "BatchTest",
     "batch_stats",
     "pool",
+    "worker_stats",
     "norm_test",
     "inner_product_test",
     "orthogonality_test",
@@ -97,6 +98,31 @@ def batch_stats(per_example_grads) -> BatchStats:
     coef = jnp.where(sq_norm > 0, ips / jnp.where(sq_norm > 0, sq_norm, 1.0), 0.0)
     orth_variance = sum(jnp.sum(jnp.var(x - coef[:, None] * g[None, :], axis=0, ddof=1)) for x, g in zip(leaves, means))
     return BatchStats(jnp.asarray(b, dtype=sq_norm.dtype), sq_norm, variance, ip_variance, orth_variance)
+
+
+def worker_stats(loss_fn):
+    """``(workers, batch) -> BatchStats`` with a leading worker axis, jittable.
+
+    ``loss_fn(params, batch)`` is the engine's per-worker loss on a mini-batch; ``workers`` are
+    the stacked worker models (leading axis m) and ``batch`` a pytree with leaves ``(m, b, …)``.
+    Per-example gradients come from ``jax.vmap`` over the examples of ``loss_fn`` on batches of
+    one, then :func:`batch_stats` per worker; feed the result to :func:`pool`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> loss = lambda p, b: jnp.mean((b["x"] @ p - b["y"]) ** 2)
+        >>> stats = worker_stats(loss)(jnp.zeros((2, 3)), {"x": jnp.ones((2, 4, 3)), "y": jnp.ones((2, 4))})
+        >>> stats.variance.shape, float(stats.variance[0])     # every example has gradient (-2,-2,-2)
+        ((2,), 0.0)
+    """
+
+    def one_worker(params, batch):
+        def example_grad(example):
+            return jax.grad(loss_fn)(params, jax.tree.map(lambda x: x[None], example))
+
+        return batch_stats(jax.vmap(example_grad)(batch))
+
+    return jax.vmap(one_worker)
 
 
 def pool(stats: BatchStats) -> BatchStats:

@@ -235,9 +235,7 @@ def exp_batch(task: Task, out: str, *, eta: float = 0.8, lr: float = 0.2) -> dic
 
     # Adaptive: one engine per batch size bucket; the controller decides at each synchronisation.
     ctl = batching.BatchSizeController(BATCH, cap)
-    per_example = jax.jit(jax.vmap(  # workers
-        lambda p, b: batching.batch_stats(jax.vmap(  # examples
-            lambda x, y: jax.grad(task.loss)(p, {"x": x[None], "y": y[None]}))(b["x"], b["y"]))))
+    per_example = jax.jit(batching.worker_stats(task.loss))  # per-worker BatchStats
     trainer = CooperativeSGD(coopsgd.local_sgd(M, tau), optax.sgd(lr), task.loss)
     state = trainer.init(task.params0)
     hist = {"step": [0], "loss": [task.averaged_loss(trainer, state)], "comms": [0], "batch": [BATCH], "examples": [0]}

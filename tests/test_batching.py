@@ -183,3 +183,21 @@ def test_docstring_examples():
     from coopsgd import batching
 
     assert doctest.testmod(batching, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+
+
+def test_worker_stats_matches_hand_per_example_gradients():
+    from coopsgd.batching import worker_stats
+
+    def loss(p, b):  # least squares: per-example gradient 2 (x.p - y) x
+        return jnp.mean((b["x"] @ p - b["y"]) ** 2)
+
+    rng = np.random.default_rng(5)
+    m, b, d = 3, 6, 4
+    params = rng.normal(size=(m, d)).astype(np.float32)
+    x = rng.normal(size=(m, b, d)).astype(np.float32)
+    y = rng.normal(size=(m, b)).astype(np.float32)
+    got = jax.jit(worker_stats(loss))(jnp.asarray(params), {"x": jnp.asarray(x), "y": jnp.asarray(y)})
+    for i in range(m):
+        grads = 2 * (x[i] @ params[i] - y[i])[:, None] * x[i]
+        assert float(got.variance[i]) == pytest.approx(grads.var(0, ddof=1).sum(), rel=1e-4)
+        assert float(got.sq_norm[i]) == pytest.approx((grads.mean(0) ** 2).sum(), rel=1e-4)
