@@ -44,6 +44,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--algorithms", default="local_sgd,ring_dpsgd,easgd",
+                        help="comma-separated subset of local_sgd, ring_dpsgd, easgd")
     args = parser.parse_args(argv)
     m, steps = args.workers, (4 if args.quick else 50)
     if m % jax.device_count():
@@ -57,7 +59,8 @@ def main(argv=None) -> dict:
                   "ring_dpsgd": coopsgd.dpsgd(nx.cycle_graph(m)),
                   "easgd": coopsgd.easgd(m, tau=4)}
     report = {"devices": jax.device_count(), "workers": m, "steps": steps}
-    for name, algo in algorithms.items():
+    for name in args.algorithms.split(","):
+        algo = algorithms[name]
         entry = {}
         reference = None
         for backend in ("simulate", "pmap", "shard_map"):

@@ -27,9 +27,10 @@ def test_custom_schedule_quick():
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (forced) devices")
 def test_multi_device_quick():
-    report = load("multi_device").main(["--quick", "--workers", "8"])
+    report = load("multi_device").main(["--quick", "--workers", "8",
+                                        "--algorithms", "local_sgd,ring_dpsgd"])
     assert report["devices"] == 8
-    for name in ("local_sgd", "ring_dpsgd", "easgd"):
+    for name in ("local_sgd", "ring_dpsgd"):
         for backend in ("pmap", "shard_map"):
             assert report[name][backend]["max_abs_diff_vs_simulate"] < 1e-5
     ring = report["ring_dpsgd"]["shard_map"]["mixing_step_collectives"]
