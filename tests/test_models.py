@@ -38,10 +38,14 @@ class TestModels:
         tx = optax.sgd(0.5)
         state = tx.init(params)
         first = float(loss(params, {"x": x, "y": y}))
-        for _ in range(100):
+        @jax.jit
+        def step(params, state):
             g = jax.grad(loss)(params, {"x": x, "y": y})
             upd, state = tx.update(g, state)
-            params = optax.apply_updates(params, upd)
+            return optax.apply_updates(params, upd), state
+
+        for _ in range(100):
+            params, state = step(params, state)
         assert float(loss(params, {"x": x, "y": y})) < 0.5 * first
         assert models.accuracy(m, params, x, y, chunk=5) == 1.0
 
