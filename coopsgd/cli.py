@@ -2,7 +2,8 @@
 
 Bad input anywhere (an unknown name, a bad number, an unreadable file, an output folder that cannot
 be written) ends with one line on stderr and exit code 2, with no traceback and nothing
-half-written. Set ``COOPSGD_DEBUG=1`` to see the traceback instead.
+half-written; a run that diverges (a NaN or Inf loss) ends with one line and exit code 1. Set
+``COOPSGD_DEBUG=1`` to see the traceback instead.
 """
 
 from __future__ import annotations
@@ -100,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
             msg += f": {err.filename}"
         print(_one_line(msg), file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # the engine's NonFiniteError: the run diverged
+        if os.environ.get("COOPSGD_DEBUG"):
+            raise
+        print(_one_line(f"{PROG}: the run diverged: {err}"), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -689,20 +689,23 @@ def _safe_zeta(algorithm) -> float | None:
 
 
 def prepare_out(path) -> str:
-    """Create ``path`` if needed and check it can be written; raise ValueError naming it if not."""
+    """Check that the folder ``path`` can be created or written, without creating it (so a run
+    that fails leaves nothing behind); :func:`write_results` creates it. Raises ValueError naming
+    the folder if not."""
     path = os.fspath(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"cannot create output folder {path!r}: {err.strerror or err}") from None
-    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"output folder {path!r} is not writable")
-    try:
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".probe")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"output folder {path!r} is not writable: {err.strerror or err}") from None
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"output folder {path!r} exists and is not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"output folder {path!r} is not writable")
+        return path
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"cannot create output folder {path!r}: {parent!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create output folder {path!r}: {parent!r} is not writable")
     return path
 
 
@@ -731,6 +734,7 @@ def write_results(results: list, out: str, title: str = "") -> list[str]:
     evaluation) and the PNG figures into ``out``; returns the paths written."""
     from coopsgd import plotting
 
+    os.makedirs(out, exist_ok=True)
     payload = {"runs": [{"name": r["name"], "config": r["config"], "summary": r["summary"],
                          "history": r["history"]} for r in results]}
     paths = []

@@ -104,6 +104,14 @@ class TestFilesAndConfigErrors:
         assert code == 2 and "cannot create output folder" in err and err.count("\n") == 1
 
 
+def test_divergence_is_one_line_exit_1_and_writes_nothing(capsys, tmp_path):
+    out_dir = tmp_path / "div"
+    code, _, err = _run(capsys, "compare", "--algorithms", "local_sgd", "--steps", "16", "--lr", "1e6",
+                        "--no-progress", "--out", str(out_dir))
+    assert code == 1 and err.count("\n") == 1 and "diverged" in err
+    assert not out_dir.exists()
+
+
 def test_compare_end_to_end(capsys, tmp_path):
     code, out, err = _run(capsys, "compare", "--algorithms", "local_sgd,dpsgd", "--steps", "32",
                           "--workers", "4", "--set", "eval_every=16", "--no-progress", "--out", str(tmp_path))
