@@ -657,7 +657,7 @@ def _progress(enabled: bool, total: int, initial: int, name: str):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=name, unit="step", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=name, unit="step", leave=False)
 
 
 def _summary(r: _Run) -> dict:
