@@ -203,22 +203,27 @@ class ADPSGD(PeriodSchedule):
     **Budget.** With ``budget`` averagings over ``total_steps`` steps, a round starting at step
     ``s`` when ``b`` averagings remain and ``R = total_steps − s`` steps are left gets at least
 
-        floor = ⌈R (g − 1) / (g^b − 1)⌉     (g = max_growth; ⌈R / b⌉ when g = 1)
+        floor = max( ⌈R (g − 1) / (g^b − 1)⌉,  ⌈R / (f b)⌉ )     (g = max_growth, f = front_load;
+                                                                  ⌈R / b⌉ for the first when g = 1)
 
-    steps — the shortest period from which ``b`` rounds growing by g each can still cover ``R`` —
-    and at most ``R``, so the last round ends exactly at ``total_steps``. If round r meets its
-    floor, the next floor is at most g times it, and with one averaging left the floor is R: so at
-    most ``budget`` rounds fit in ``total_steps``, and early rounds may be short (average often
-    early) as long as the remaining budget can still grow to cover the rest. The budget floor wins
-    over ``tau_max`` and over the growth cap, and a period raised by the floor stays raised. Apart from that final truncation to the horizon the period
-    never shrinks. After ``total_steps`` the last period is kept.
+    steps, and at most ``R``, so the last round ends exactly at ``total_steps``. The first term is
+    feasibility: the shortest period from which ``b`` rounds growing by g each can still cover
+    ``R``; if round r meets it, the next one is at most g times it, and with one averaging left it
+    is R, so at most ``budget`` rounds fit in ``total_steps``. The second is pace: averaging may run
+    at most f times faster than the uniform pace ``R / b`` (average more often early, but do not
+    spend the budget so early that the last rounds become huge); ``front_load=None`` drops it. The
+    floor wins over ``tau_max`` and over the growth cap, and a period raised by the floor stays
+    raised. Apart from the final truncation to the horizon the period never shrinks. After
+    ``total_steps`` the last period is kept.
 
     Args:
         tau0: the first period τ_0 ≥ 1.
         total_steps: the horizon K ≥ 1 over which the budget counts.
         budget: the number of averagings allowed in ``total_steps`` (≥ 1).
-        target: Δ* > 0; default: the first measured Δ.
+        target: Δ* > 0; default ``ρ_0 τ_0`` from the first observation.
         max_growth: the largest factor by which τ may grow in one round (≥ 1).
+        front_load: f ≥ 1, how much faster than the uniform pace averagings may be spent (default
+            2); None: only feasibility limits early spending.
         tau_max: optional cap on τ (≥ τ_0).
 
     Attributes:
@@ -231,7 +236,7 @@ class ADPSGD(PeriodSchedule):
     """
 
     def __init__(self, tau0: int, total_steps: int, budget: int, *, target: float | None = None,
-                 max_growth: float = 2.0, tau_max: int | None = None):
+                 max_growth: float = 2.0, front_load: float | None = 2.0, tau_max: int | None = None):
         self.tau0 = require_int("ADPSGD tau0", tau0, 1)
         self.total_steps = require_int("ADPSGD total_steps", total_steps, 1)
         self.budget = require_int("ADPSGD budget (number of averagings)", budget, 1)
@@ -242,6 +247,12 @@ class ADPSGD(PeriodSchedule):
         if self.max_growth < 1.0:
             raise ValueError(f"ADPSGD max_growth must be >= 1 (the period never shrinks), got {max_growth!r}")
         self.tau_max = None if tau_max is None else require_int("ADPSGD tau_max", tau_max, self.tau0)
+        self.front_load = None
+        if front_load is not None:
+            self.front_load = _finite("ADPSGD front_load", front_load, positive=True,
+                                      rule="how much faster than the uniform pace averagings may be spent")
+            if self.front_load < 1.0:
+                raise ValueError(f"ADPSGD front_load must be >= 1 (1 = uniform pace), got {front_load!r}")
         self.tau = self.tau0
         self.history: list[dict] = []
         self.averagings = 0
@@ -269,15 +280,22 @@ class ADPSGD(PeriodSchedule):
         return tau
 
     def budget_floor(self, remaining: int, left: int) -> int:
-        """The shortest period that still lets ``left`` averagings cover ``remaining`` steps when
-        every later period grows by the factor g = ``max_growth``:
-        ``⌈R (g − 1) / (g^b − 1)⌉`` (``⌈R / b⌉`` for g = 1)."""
+        """The shortest period allowed for a round with ``left`` averagings for ``remaining`` steps.
+
+        The larger of the pace floor ``⌈R / (f b)⌉`` (f = ``front_load``) and the feasibility floor
+        ``⌈R (g − 1) / (g^b − 1)⌉`` (g = ``max_growth``; ``⌈R / b⌉`` for g = 1), the shortest
+        period from which ``b`` rounds growing by g each can still cover ``R``."""
         g = self.max_growth
         if g == 1.0:
-            return -(-remaining // left)
-        if left * math.log(g) > 700.0:  # g^b overflows: no constraint yet
-            return 1
-        return max(1, math.ceil(remaining * (g - 1.0) / (g**left - 1.0) - _CEIL_SLACK))
+            feasible = -(-remaining // left)
+        elif left * math.log(g) > 700.0:  # g^b overflows: no constraint yet
+            feasible = 1
+        else:
+            feasible = max(1, math.ceil(remaining * (g - 1.0) / (g**left - 1.0) - _CEIL_SLACK))
+        if self.front_load is None:
+            return feasible
+        pace = math.ceil(remaining / (self.front_load * left) - _CEIL_SLACK)
+        return max(feasible, pace, 1)
 
     def observe(self, *, consensus: float, steps: int | None = None, **_ignored) -> int:
         """Record the consensus distance measured before the last round's averaging.

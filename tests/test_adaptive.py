@@ -197,17 +197,21 @@ class TestADPSGD:
         sched = adpsgd(1, 100, 10, max_growth=1.0)
         assert sched.budget_floor(100, 10) == 10  # uniform spending: ceil(R / b)
         assert sched.budget_floor(95, 10) == 10
-        sched = adpsgd(1, 100, 10, max_growth=2.0)
+        sched = adpsgd(1, 100, 10, max_growth=2.0, front_load=None)
         assert sched.budget_floor(100, 1) == 100  # one averaging left: cover everything
         assert sched.budget_floor(100, 2) == 34  # ceil(100 / 3): tau + 2 tau >= 100
         assert sched.budget_floor(100, 3) == 15  # ceil(100 / 7)
         assert sched.budget_floor(100, 2000) == 1  # no constraint yet (g^b overflows)
+        sched = adpsgd(1, 100, 10, max_growth=2.0, front_load=2.0)
+        assert sched.budget_floor(100, 3) == 17  # pace: ceil(100 / (2 * 3)) beats 15
+        assert sched.budget_floor(100, 10) == 5  # pace: ceil(100 / 20)
+        assert sched.budget_floor(100, 2) == 34  # feasibility still wins near the end
 
     def test_frequent_early_then_floor_driven_growth(self):
         # The drift never falls, so the rule keeps tau0; the budget floor must take over near the
         # end, growing tau by at most the factor g per round (up to integer rounding).
         g = 1.25
-        sched = adpsgd(4, 1000, 100, max_growth=g)
+        sched = adpsgd(4, 1000, 100, max_growth=g, front_load=None)
         step, taus = 0, []
         while step < 1000:
             taus.append(sched.tau_at(step))
@@ -217,6 +221,25 @@ class TestADPSGD:
         assert taus[:50] == [4] * 50  # average often early
         assert taus[-1] > 50
         assert all(b <= math.ceil(g * a) for a, b in zip(taus, taus[1:]))
+
+    def test_front_load_limits_early_spending(self):
+        # Same constant drift with the default pace limit f = 2: averagings are never spent more
+        # than twice as fast as the uniform pace R / b, so the first period is ceil(1000 / 200) and
+        # the last rounds stay far shorter than without the limit.
+        sched = adpsgd(4, 1000, 100, max_growth=1.25)
+        step, taus = 0, []
+        while step < 1000:
+            taus.append(sched.tau_at(step))
+            step += taus[-1]
+            sched.observe(consensus=float(taus[-1]))
+        assert taus[0] == 5 and step == 1000 and len(taus) <= 100
+        assert all(b >= a for a, b in zip(taus[:-1], taus[1:-1]))
+        assert max(taus) <= 70  # 134 without the pace limit (previous test)
+
+    @pytest.mark.parametrize("front_load", [0.5, 0.0, -1.0])
+    def test_bad_front_load(self, front_load):
+        with pytest.raises(ValueError, match="front_load"):
+            adpsgd(2, 100, 10, front_load=front_load)
 
     def test_budget_floor_with_algorithm(self):
         sched = adpsgd(1, 100, 10)
