@@ -96,6 +96,8 @@ class TestFilesAndConfigErrors:
         np.savez(small, x=np.zeros((6, 3)), y=np.array([0, 1, 0, 1, 0, 1]))
         # 6 examples, a fifth held out for testing: 5 training examples for 8 workers.
         self._expect(capsys, tmp_path, ["compare", "--data", str(small)], "workers = 8 exceeds the 5 training examples")
+        self._expect(capsys, tmp_path, ["compare", "--data", str(small), "--workers", "2", "--model", "cnn"],
+                     "the cnn model needs image inputs")
 
     def test_unwritable_output_folder(self, capsys, tmp_path):
         blocker = tmp_path / "file"

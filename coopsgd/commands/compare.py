@@ -95,12 +95,14 @@ def _algorithms(args) -> list[str]:
 def run(args) -> int:
     from coopsgd import data as data_mod
     from coopsgd import experiment as ex
+    from coopsgd import models
 
     names = _algorithms(args)
     base = _base_config(args)
     configs = [ex.make_config(base, {"algorithm": a}) for a in names]
     dataset = data_mod.load(base["data"], base["test_fraction"], base["seed"])
     data_mod.split(dataset.y_train, base["workers"], base["split"], base["dirichlet_alpha"], base["seed"])
+    models.make(base["model"], dataset.input_shape, max(dataset.num_classes, 2))
     for cfg in configs:  # every name and range checked before anything is written
         ex.build_algorithm(cfg)
     out = ex.prepare_out(base["out"])

@@ -85,6 +85,7 @@ def run(args) -> int:
     from coopsgd import checkpoint as ckpt
     from coopsgd import data as data_mod
     from coopsgd import experiment as ex
+    from coopsgd import models
 
     if args.checkpoint_every < 0:
         raise CommandError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
@@ -106,6 +107,7 @@ def run(args) -> int:
     cfg = build_config(args.config, args.overrides, args.out, args.data, base)
     dataset = data_mod.load(cfg["data"], cfg["test_fraction"], cfg["seed"])
     data_mod.split(dataset.y_train, cfg["workers"], cfg["split"], cfg["dirichlet_alpha"], cfg["seed"])
+    models.make(cfg["model"], dataset.input_shape, max(dataset.num_classes, 2))
     ex.build_algorithm(cfg)  # names and ranges checked before anything is written
     out = ex.prepare_out(cfg["out"])
     checkpoint_dir = os.path.join(out, "checkpoints") if (args.checkpoint_every or args.resume) else None
