@@ -82,6 +82,34 @@ class TestExactRecursion:
             verify.exact_expected_error(coopsgd.fully_sync(2), problems.linear_regression(), 0.1, 10)
 
 
+class TestBoundOnQuadratics:
+    def test_exact_error_never_exceeds_the_bound_within_its_assumptions(self):
+        """The recalled Theorem 1 against the exact expectation on a random grid of quadratics,
+        algorithms and step sizes inside the step-size condition (a failure here is a finding)."""
+        rng = np.random.default_rng(0)
+        worst = 0.0
+        for i in range(60):
+            d, m = int(rng.choice([1, 3, 6])), int(rng.choice([2, 3, 5]))
+            L = float(rng.choice([0.5, 1.0, 4.0]))
+            p = problems.quadratic(d, L=L, mu=L * float(rng.choice([0.01, 0.5, 1.0])),
+                                   sigma2=float(rng.choice([0.01, 1.0])), seed=i, rotate=bool(i % 2))
+            kind = i % 3
+            if kind == 0:
+                algo = coopsgd.local_sgd(m, int(rng.choice([1, 2, 5])))
+            elif kind == 1:
+                algo = coopsgd.easgd(m, int(rng.choice([1, 3])), float(rng.uniform(0.05, 0.95)) * 2 / (m + 1))
+            else:
+                algo = coopsgd.decentralized_periodic(nx.cycle_graph(max(m, 3)), int(rng.choice([1, 3])))
+            cond = theory.lr_condition(L=L, eta=1.0, m=algo.m, tau=algo.tau, zeta=algo.zeta, v=algo.v)
+            eta = float(rng.uniform(0.2, 1.0)) * cond.eta_max
+            K = int(rng.choice([10, 100]))
+            exact = verify.exact_expected_error(algo, p, eta, K)
+            bound = theory.bound_for(algo, L=L, sigma2=p.sigma2, f_gap=p.f_gap, eta=eta, K=K)
+            assert exact <= bound.total, (algo, p, eta, K, exact, bound)
+            worst = max(worst, exact / bound.total)
+        assert worst > 0.5  # the grid reaches where the bound is tight, so the test has teeth
+
+
 QUAD = problems.quadratic(10, L=1.0, mu=0.05, sigma2=1.0, seed=0)
 HARNESS = [
     ("fully_sync", coopsgd.fully_sync(4), 0.2),
