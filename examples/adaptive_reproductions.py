@@ -157,12 +157,14 @@ def exp_adacomm(task: Task, out: str) -> dict:
 
 
 def exp_adpsgd(task: Task, out: str) -> dict:
-    """ADPSGD vs a constant period with the same number of averagings (budget 60 over 600 steps)."""
+    """ADPSGD vs a constant period with the same budget (60 averagings in 600 steps); both with a
+    step-decay learning rate 0.1 -> 0.01 at step 300."""
     rt = runtime.RuntimeModel(runtime.constant(1.0), runtime.constant_delay(1.0))
     steps, budget = 600, 60
+    lr = optax.piecewise_constant_schedule(0.1, {300: 0.1})
     curves = {f"constant tau={steps // budget}": train(task, coopsgd.local_sgd(M, steps // budget),
-                                                         runtime_model=rt, steps=steps)}
-    sched = adaptive.adpsgd(4, steps, budget, max_growth=1.25)
+                                                         runtime_model=rt, steps=steps, lr=lr)}
+    sched = adaptive.adpsgd(5, steps, budget, max_growth=1.25)
     algo = coopsgd.Algorithm(mixing.averaging(M), tau=sched, name="adpsgd")
 
     def observe(k, stamps, met, trainer, state):
@@ -170,14 +172,16 @@ def exp_adpsgd(task: Task, out: str) -> dict:
         if len(cons) >= 2:  # the value before the round's last step, i.e. before the averaging
             sched.observe(consensus=float(cons[-2]), steps=len(cons) - 1)
 
-    curves["ADPSGD tau0=4"] = train(task, algo, runtime_model=rt, steps=steps, on_round=observe)
+    curves["ADPSGD tau0=5"] = train(task, algo, runtime_model=rt, steps=steps, lr=lr, on_round=observe)
     table = {name: {"final_loss": round(h["loss"][-1], 4), "averagings": h["comms"][-1],
                     "mean_loss_last_100_steps": round(float(np.mean([l for s, l in zip(h["step"], h["loss"]) if s > steps - 100])), 4)}
              for name, h in curves.items()}
     result = {"experiment": "adpsgd", "steps": steps, "budget": budget, "runs": table,
               "adpsgd_taus": [h["tau"] for h in sched.history]}
     plot(curves, "step", os.path.join(out, "adaptive_adpsgd.png"),
-         f"ADPSGD vs constant period ({budget} averagings in {steps} steps)", "local steps")
+         f"ADPSGD vs constant period (budget {budget} averagings, {steps} steps)", "local steps")
+    plot(curves, "comms", os.path.join(out, "adaptive_adpsgd_comms.png"),
+         "ADPSGD vs constant period: loss vs averagings", "averagings so far")
     return result
 
 
