@@ -233,3 +233,32 @@ class TestOnTheEngine:
         expected = theory.matching_contraction(list(sched.laplacians), sched.probabilities, sched.alpha)
         assert sched.contraction() == pytest.approx(expected, abs=1e-10)
         assert theory.contraction(algo) == pytest.approx(expected, abs=1e-10)
+
+
+class TestRandomGraphs:
+    """Invariants on random connected graphs (hypothesis)."""
+
+    @staticmethod
+    def _graph(n, p, seed):
+        graph = nx.gnp_random_graph(n, p, seed=seed)
+        graph.add_edges_from((i, i + 1) for i in range(n - 1))  # a path keeps it connected
+        return graph
+
+    def test_invariants(self):
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        @settings(max_examples=10, deadline=None)
+        @given(st.integers(3, 10), st.floats(0.0, 0.8), st.integers(0, 10**6),
+               st.floats(0.05, 1.0), st.integers(0, 2**31 - 1), st.integers(0, 10**9))
+        def check(n, p, graph_seed, budget, seed, r):
+            sched = MatchaSchedule(self._graph(n, p, graph_seed), budget, seed)
+            assert sched.mean_activation <= budget + 1e-9
+            assert np.all((sched.probabilities >= 0) & (sched.probabilities <= 1))
+            w = sched.at(r)
+            mixing.check(w, n=n, symmetric=True)
+            twin = MatchaSchedule(sched.graph, budget, seed, probabilities=sched.probabilities, alpha=sched.alpha)
+            np.testing.assert_array_equal(w, twin.at(r))
+            assert 0 <= sched.contraction() < 1
+
+        check()
