@@ -19,6 +19,11 @@ import optax
 
 __all__ = ["MLP", "CNN", "Model", "MODELS", "make", "loss_fn", "accuracy", "param_count"]
 
+_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+"""LeCun normal initialisation (LeCun et al., "Efficient BackProp", 1998), not truncated: it draws
+the same scale as Flax's default and compiles in milliseconds, where the truncated normal takes
+seconds of XLA compilation on a CPU — a large share of a short command-line run."""
+
 
 class MLP(nn.Module):
     """Flatten, ``len(hidden)`` ReLU layers, then a linear layer to the logits."""
@@ -30,8 +35,8 @@ class MLP(nn.Module):
     def __call__(self, x):
         x = x.reshape((x.shape[0], -1))
         for width in self.hidden:
-            x = nn.relu(nn.Dense(width)(x))
-        return nn.Dense(self.num_classes)(x)
+            x = nn.relu(nn.Dense(width, kernel_init=_INIT)(x))
+        return nn.Dense(self.num_classes, kernel_init=_INIT)(x)
 
 
 class CNN(nn.Module):
@@ -45,9 +50,9 @@ class CNN(nn.Module):
         if x.ndim == 3:
             x = x[..., None]
         for i, width in enumerate(self.features):
-            x = nn.relu(nn.Conv(width, (3, 3), strides=(1, 1) if i == 0 else (2, 2))(x))
+            x = nn.relu(nn.Conv(width, (3, 3), strides=(1, 1) if i == 0 else (2, 2), kernel_init=_INIT)(x))
         x = x.mean(axis=(1, 2))
-        return nn.Dense(self.num_classes)(x)
+        return nn.Dense(self.num_classes, kernel_init=_INIT)(x)
 
 
 class Model(NamedTuple):
