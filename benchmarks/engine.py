@@ -12,6 +12,7 @@ machine whose load changes during the run slows both alike; figures are medians 
 2. ``mixing``: one ring D-PSGD mixing of m simulated workers with d = 1e5 parameters (two
    shifted copies, :mod:`coopsgd.communication`), against one memory pass of the local update
    ``x − ηg`` on the same arrays, and against the dense contraction ``Wᵀ X`` (up to m = 256).
+   Timed standalone (one call, fresh output) and inside a ``fori_loop`` (buffers reused).
    Targets: t(1024)/t(256) ≤ 5 (linear in m) and mixing ≤ 1.5 × the update pass.
 3. ``fused``: per-step time of ``run`` (τ = 8, rounds fused with ``lax.scan``) against ``step``
    called from Python once per step.
@@ -123,9 +124,17 @@ def overhead(quick: bool) -> dict:
 
 
 def mixing_cost(quick: bool) -> dict:
+    """Ring mixing vs one local-update pass, measured two ways.
+
+    ``standalone``: one jitted call each, every call writing a fresh m × d output (what a single
+    ``step`` pays). ``in_loop``: 8 iterations inside one ``fori_loop`` (buffers allocated once, as
+    inside ``run``); there the update ``x − ηg`` runs in place, while a mixing, which reads its
+    neighbours' rows, cannot, and XLA adds a copy back into the loop carry.
+    """
     d = 10_000 if quick else 100_000
     ms = [16, 64] if quick else [16, 64, 256, 1024]
-    out = {"d": d, "rows": []}
+    iters = 8
+    out = {"d": d, "iters_in_loop": iters, "rows": []}
     for m in ms:
         w = mixing.metropolis(nx.cycle_graph(m))
         plan = communication.plan_for_matrix(w, m)
@@ -134,28 +143,44 @@ def mixing_cost(quick: bool) -> dict:
         x = jax.random.normal(key, (m, d))
         g = jax.random.normal(jax.random.fold_in(key, 1), (m, d))
         empty = jnp.zeros((0, d))
-        mix = jax.jit(lambda x: communication.mix_local(plan, x, empty, coef)[0])
-        update = jax.jit(lambda x, g: x - 0.1 * g)
-        np.testing.assert_allclose(np.asarray(mix(x))[:4],
+
+        def mix_once(x):
+            return communication.mix_local(plan, x, empty, coef)[0]
+
+        np.testing.assert_allclose(np.asarray(jax.jit(mix_once)(x))[:4],
                                    (w.T @ np.asarray(x, np.float64))[:4], rtol=1e-4, atol=1e-4)
-        fns = {"ring_mixing": lambda: mix(x), "local_update": lambda: update(x, g)}
+        mix = jax.jit(mix_once)
+        update = jax.jit(lambda x, g: x - 0.1 * g)
+        mix_loop = jax.jit(lambda x: jax.lax.fori_loop(0, iters, lambda _, x: mix_once(x), x))
+        update_loop = jax.jit(lambda x, g: jax.lax.fori_loop(0, iters, lambda _, x: x - 0.1 * g, x))
+        fns = {"mix": lambda: mix(x), "update": lambda: update(x, g),
+               "mix_loop": lambda: mix_loop(x), "update_loop": lambda: update_loop(x, g)}
         if m <= 256:
             wj = jnp.asarray(w, jnp.float32)
             dense = jax.jit(lambda x: wj.T @ x)
-            fns["dense_contraction"] = lambda: dense(x)
+            fns["dense"] = lambda: dense(x)
         reps = 5 if m >= 256 else 15
         t = side_by_side(fns, repeats=3 if quick else reps)
-        row = {"m": m, "ring_mixing_s": t["ring_mixing"], "local_update_s": t["local_update"],
-               "mixing_over_update": t["ring_mixing"] / t["local_update"]}
-        if "dense_contraction" in t:
-            row["dense_contraction_s"] = t["dense_contraction"]
-            row["dense_over_ring"] = t["dense_contraction"] / t["ring_mixing"]
+        row = {"m": m,
+               "standalone": {"ring_mixing_s": t["mix"], "local_update_s": t["update"],
+                              "mixing_over_update": t["mix"] / t["update"]},
+               "in_loop": {"ring_mixing_s": t["mix_loop"] / iters,
+                           "local_update_s": t["update_loop"] / iters,
+                           "mixing_over_update": t["mix_loop"] / t["update_loop"]}}
+        if "dense" in t:
+            row["standalone"]["dense_contraction_s"] = t["dense"]
+            row["standalone"]["dense_over_ring"] = t["dense"] / t["mix"]
         out["rows"].append(row)
         del x, g
     by_m = {r["m"]: r for r in out["rows"]}
-    if 1024 in by_m and 256 in by_m:
-        out["t1024_over_t256"] = by_m[1024]["ring_mixing_s"] / by_m[256]["ring_mixing_s"]
-    out["max_mixing_over_update"] = max(r["mixing_over_update"] for r in out["rows"])
+    for how in ("standalone", "in_loop"):
+        summary = {"max_mixing_over_update": max(r[how]["mixing_over_update"] for r in out["rows"])}
+        if 1024 in by_m and 256 in by_m:
+            summary["t1024_over_t256_mixing"] = (by_m[1024][how]["ring_mixing_s"]
+                                                 / by_m[256][how]["ring_mixing_s"])
+            summary["t1024_over_t256_update"] = (by_m[1024][how]["local_update_s"]
+                                                 / by_m[256][how]["local_update_s"])
+        out[how] = summary
     return out
 
 
