@@ -1,7 +1,7 @@
 """Sweep τ, topology (ζ), η and m, put every run beside Cooperative SGD's bound, and plot it.
 
     python examples/verify_bound.py --out docs/img   # the full sweeps (a few minutes on 2 CPU cores)
-    python examples/verify_bound.py --quick          # one run per panel, a few seconds
+    python examples/verify_bound.py --quick          # two panels of one run, a few seconds
     python examples/verify_bound.py --scan           # exact values on a grid of 1488 quadratics (no engine)
 
 Every run is the real engine (coopsgd.CooperativeSGD with optax.sgd) with the seeds vmapped. On the
@@ -51,7 +51,7 @@ def scan() -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one small run per panel (for tests)")
+    parser.add_argument("--quick", action="store_true", help="two small runs (for tests)")
     parser.add_argument("--out", default=".", help="folder for verify_bound.png")
     parser.add_argument("--scan", action="store_true", help="only the exact grid scan (no engine, no plot)")
     args = parser.parse_args(argv)
@@ -78,13 +78,18 @@ def main(argv=None) -> int:
 
     panel(f"local SGD, m = {m0}, quadratic", "τ", taus,
           [(f"local_sgd τ={t}", coopsgd.local_sgd(m0, t), eta0) for t in taus], quad)
+    if args.quick:  # two panels: a few seconds of compilation
+        graphs, etas, ms = [], [], []
     algos = [coopsgd.decentralized_periodic(topology.by_name(g, m0), 2) for g in graphs]
-    panel(f"decentralized τ = 2, m = {m0}: ζ", "ζ", [round(a.zeta, 3) for a in algos],
-          [(f"{g} τ=2", a, eta0) for g, a in zip(graphs, algos)], quad)
-    panel(f"local SGD τ = 4, m = {m0}: η", "η", etas,
-          [(f"local_sgd η={e}", coopsgd.local_sgd(m0, 4), e) for e in etas], quad)
-    panel("EASGD α* = 2/(m+2), τ = 4: m", "m", ms,
-          [(f"easgd m={m}", coopsgd.easgd(m, 4), eta0) for m in ms], quad)
+    if algos:
+        panel(f"decentralized τ = 2, m = {m0}: ζ", "ζ", [round(a.zeta, 3) for a in algos],
+              [(f"{g} τ=2", a, eta0) for g, a in zip(graphs, algos)], quad)
+    if etas:
+        panel(f"local SGD τ = 4, m = {m0}: η", "η", etas,
+              [(f"local_sgd η={e}", coopsgd.local_sgd(m0, 4), e) for e in etas], quad)
+    if ms:
+        panel("EASGD α* = 2/(m+2), τ = 4: m", "m", ms,
+              [(f"easgd m={m}", coopsgd.easgd(m, 4), eta0) for m in ms], quad)
     panel(f"local SGD, m = {m0}, logistic regression", "τ", taus,
           [(f"local_sgd τ={t}", coopsgd.local_sgd(m0, t), 0.5) for t in taus], logistic)
 

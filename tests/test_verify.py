@@ -176,24 +176,43 @@ class TestErrorFloor:
         assert mean > 3 * se
 
 
+def _row(label, tau, empirical, applies=True):
+    bound = theory.cooperative_bound(L=1.0, sigma2=1.0, f_gap=1.0, eta=0.1, m=4, tau=tau, zeta=0.0, K=100)
+    return verify.BoundCheck(
+        algorithm="local_sgd", problem="quadratic", m=4, tau=tau, v=0, zeta=0.0, eta=0.1, K=100, seeds=8,
+        empirical=empirical, stderr=0.001, exact=empirical * 1.01, local_models=empirical * 1.2, bound=bound,
+        ratio=empirical / bound.total, holds=empirical <= bound.total, applies=applies, lr_ok=applies,
+        eta_max=0.5, note="" if applies else "eta > eta_max = 0.5", label=label)
+
+
 class TestOutput:
-    def test_table_and_plot(self, tmp_path):
-        rows = verify.sweep([("a", coopsgd.fully_sync(2), 0.1), ("b", coopsgd.local_sgd(2, 4), 0.1)], QUAD, 20, 4)
-        table = verify.format_table(rows)
-        assert table.count("\n") == 3 and "| a |" in table and "| b |" in table
-        path = verify.plot({"τ": ("τ", [1, 4], rows)}, tmp_path / "x.png")
+    def test_table(self):
+        rows = [_row("a", 1, 0.1), _row("b", 4, 0.3), _row("c", 8, 9.0, applies=False)]
+        table = verify.format_table(rows).splitlines()
+        assert len(table) == 5 and table[2].startswith("| a | 4 | 1 |") and table[3].startswith("| b | 4 | 4 |")
+        assert table[2].endswith("| yes |") and "no (n/a) (eta > eta_max = 0.5)" in table[4]
+        bad = _row("d", 1, 9.0)
+        assert bad.violated and "**NO**" in verify.format_table([bad])
+
+    def test_plot(self, tmp_path):
+        rows = [_row("a", 1, 0.1), _row("b", 4, 0.3), _row("c", 8, 9.0, applies=False)]
+        path = verify.plot({"τ": ("τ", [1, 4, 8], rows), "ζ": ("ζ", [0, 0.5, 0.9], rows)}, tmp_path / "x.png")
         assert os.path.getsize(path) > 1000
-        d = rows[0].as_dict()
+
+    def test_as_dict_is_json(self):
+        d = _row("a", 2, 0.1).as_dict()
         json.dumps(d)
-        assert set(d["bound"]) == {"optimization", "noise", "network", "total"}
+        assert set(d["bound"]) == {"optimization", "noise", "network", "total"} and d["violated"] is False
 
 
 class TestCLI:
     def test_table_exit_zero(self, capsys):
         code = main(["verify", "--algorithm", "local_sgd", "--workers", "4", "--tau", "1", "4",
-                     "--lr", "0.1", "--steps", "40", "--seeds", "8"])
-        out = capsys.readouterr().out
-        assert code == 0 and "2 of 2 rows hold" in out
+                     "--lr", "0.1", "--steps", "40", "--seeds", "8", "--topology", "ring"])
+        captured = capsys.readouterr()
+        assert code == 0 and "2 of 2 rows hold" in captured.out
+        assert captured.out.count("| local_sgd | 4 |") == 2
+        assert "--topology is ignored for local_sgd" in captured.err
 
     def test_json(self, capsys):
         code = main(["verify", "--algorithm", "dpsgd", "--workers", "6", "--topology", "ring",

@@ -78,6 +78,12 @@ def _valid(kind: str, name: str, valid) -> str:
     return name
 
 
+def _topology_names():
+    from coopsgd import topology
+
+    return tuple(topology.TOPOLOGIES)
+
+
 def make_algorithm(name: str, m: int, tau: int, *, topology: str | None = None,
                    weights: str = "metropolis", alpha: float | None = None, budget: float = 0.5,
                    seed: int = 0):
@@ -89,7 +95,7 @@ def make_algorithm(name: str, m: int, tau: int, *, topology: str | None = None,
     if name in GRAPH_ALGORITHMS:
         graph = topo.by_name(_valid("topology", topology or "ring", tuple(topo.TOPOLOGIES)), m)
     elif topology is not None:
-        raise CommandError(f"--topology applies only to {', '.join(GRAPH_ALGORITHMS)}, not to {name}")
+        _valid("topology", topology, tuple(topo.TOPOLOGIES))  # a bad name is still bad input
     if name in ("fully_sync", "dpsgd") and tau != 1:
         other = "local_sgd" if name == "fully_sync" else "decentralized_periodic"
         raise CommandError(f"{name} has tau = 1 by definition, got --tau {tau}; use {other} for tau > 1")
@@ -141,11 +147,17 @@ def run(args) -> int:
         raise CommandError("--heterogeneity needs a single --workers value (the optima are per worker)")
     taus = args.tau or [1]
     topologies = args.topology or [None]
+    notes = []
+    if args.topology and args.algorithm not in GRAPH_ALGORITHMS:
+        for name in args.topology:
+            _valid("topology", name, _topology_names())
+        notes.append(f"note: --topology is ignored for {args.algorithm} (its W does not come from a graph; "
+                     f"it applies to {', '.join(GRAPH_ALGORITHMS)})")
+        topologies = [None]
 
     from coopsgd import theory, verify
 
     rows = []
-    notes = []
     for m in args.workers:
         try:
             problem = make_problem(args.problem, d=args.dim, L=args.smoothness, mu=args.mu,
