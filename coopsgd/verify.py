@@ -186,7 +186,7 @@ def _seed_keys(seeds, key):
 
 def _mixing_index(algorithm, K: int, max_distinct: int = 32):
     """For each step k < K: -1 if it ends without mixing, else the index of its W_k in a list of
-    the distinct matrices used (with a representative round index for each)."""
+    the distinct matrices used; and a representative round index for each of them."""
     index = np.full(K, -1, dtype=np.int32)
     seen: dict[bytes, int] = {}
     rounds: list[int] = []
@@ -232,7 +232,10 @@ def gradient_norms(algorithm, problem, eta, K, seeds=100, *, key: int = 0) -> tu
     mix_index, mix_rounds = _mixing_index(algorithm, K)
     engine = CooperativeSGD(algorithm, optax.sgd(eta), problem.loss_fn, track_consensus=False)
     state0 = engine.init(jnp.asarray(problem.x0, jnp.float32))
-    branches = [engine.round_fn(1, 0, mix=False)] + [engine.round_fn(1, r, mix=True) for r in mix_rounds]
+    branches = [engine.round_fn(1, r, mix=True) for r in mix_rounds]
+    if np.any(mix_index < 0):  # some steps end without mixing: a local-only branch, last
+        branches.append(engine.round_fn(1, 0, mix=False))
+        mix_index = np.where(mix_index < 0, len(branches) - 1, mix_index)
     m = algorithm.m
 
     def one_seed(seed_key):
@@ -244,8 +247,7 @@ def gradient_norms(algorithm, problem, eta, K, seeds=100, *, key: int = 0) -> tu
             if len(branches) == 1:
                 state, _ = branches[0](state, batch)
             else:
-                state = jax.lax.switch(which + 1, [lambda s, b, f=f: f(s, b)[0] for f in branches],
-                                       state, batch)
+                state = jax.lax.switch(which, [lambda s, b, f=f: f(s, b)[0] for f in branches], state, batch)
             return state, (g2, g2w)
 
         _, out = jax.lax.scan(body, state0, (jnp.arange(K), jnp.asarray(mix_index)))
@@ -390,6 +392,7 @@ def plot(panels: dict[str, tuple[str, Sequence[float], Sequence[BoundCheck]]], p
         ncols: panels per row.
     """
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -418,9 +421,9 @@ def plot(panels: dict[str, tuple[str, Sequence[float], Sequence[BoundCheck]]], p
         ax.set_yscale("log")
         if not categorical and xs.max() / xs.min() > 8:
             ax.set_xscale("log", base=2)
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(pos)
         ax.set_xticklabels([f"{x:g}" for x in xs], fontsize=8)
-        ax.minorticks_off() if not categorical and xs.max() / xs.min() > 8 else None
         ax.set_xlabel(xlabel)
         ax.set_title(name, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
