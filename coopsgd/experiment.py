@@ -435,9 +435,7 @@ class _Run:
     def _traffic(self, r: int):
         from coopsgd import runtime as rt
 
-        c = self.trainer.communication(self.param_bytes, r)
-        m = self.algorithm.m
-        return rt.Traffic(c.kind, m, int(c.messages), float(c.bytes_per_worker), float(c.bytes_per_worker) * m)
+        return rt.traffic_from(self.trainer.communication(self.param_bytes, r), self.algorithm.m)
 
     def times(self, start: int, count: int) -> np.ndarray:
         """Simulated finishing time of steps ``start … start+count−1`` (rounds timed whole, in order)."""

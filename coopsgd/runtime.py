@@ -37,6 +37,7 @@ __all__ = [
     "COMPUTE_MODELS",
     "Traffic",
     "mixing_traffic",
+    "traffic_from",
     "CommDelay",
     "constant_delay",
     "random_delay",
@@ -186,6 +187,18 @@ def mixing_traffic(W, param_bytes: float) -> Traffic:
     links = off | off.T
     degree = links.sum(axis=0)
     return Traffic("neighbour", n, int(degree.max()), float(degree.max()) * p, float(links.sum()) * p)
+
+
+def traffic_from(communication, m: int) -> Traffic:
+    """The :class:`Traffic` of the engine's own account of a mixing: a
+    :class:`coopsgd.communication.Communication` ``(kind, bytes_per_worker, messages, …)`` from
+    ``CooperativeSGD.communication(param_bytes, r)``, for ``m`` workers. This is what
+    :mod:`coopsgd.experiment` times, so the simulated time and the reported bytes follow the
+    communication the engine actually compiles (e.g. MATCHA's inactive matchings send nothing)."""
+    kind = str(communication.kind)
+    per_worker = float(communication.bytes_per_worker)
+    return Traffic("none" if kind == "none" else kind, int(m), int(communication.messages), per_worker,
+                   per_worker * int(m))
 
 
 class CommDelay:

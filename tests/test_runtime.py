@@ -103,6 +103,21 @@ class TestTraffic:
         assert model.comm_time(0, rt.mixing_traffic(w, 200.0)) == pytest.approx(6.0)
 
 
+class TestEngineTraffic:
+    def test_traffic_from_engine_communication(self):
+        import optax
+
+        from coopsgd.engine import CooperativeSGD
+
+        tr = CooperativeSGD(coopsgd.local_sgd(4, 2), optax.sgd(0.1), lambda p, b: 0.0)
+        t = rt.traffic_from(tr.communication(1000.0), 4)
+        # Ring all-reduce: 2 (m-1)/m P per worker, 2 (m-1) messages, 2 (m-1) P in all.
+        assert (t.kind, t.messages, t.critical_bytes, t.total_bytes) == ("all-reduce", 6, 1500.0, 6000.0)
+        ring = CooperativeSGD(coopsgd.dpsgd(nx.cycle_graph(6)), optax.sgd(0.1), lambda p, b: 0.0)
+        t = rt.traffic_from(ring.communication(10.0), 6)
+        assert (t.kind, t.messages, t.critical_bytes, t.total_bytes) == ("neighbour", 2, 20.0, 120.0)
+
+
 class TestErrors:
     @pytest.mark.parametrize(
         "make, match",
