@@ -37,7 +37,6 @@ def run_on(backend, algo, batches, steps, optimizer=None, **kw):
 ALGOS = {
     "local_sgd_m16": lambda: coopsgd.local_sgd(16, 2),  # two workers per device
     "easgd_m8": lambda: coopsgd.easgd(8, tau=2),  # anchor replicated on every device
-    "ring_dpsgd_m8": lambda: coopsgd.dpsgd(nx.cycle_graph(8)),
     "ring_dpsgd_m16": lambda: coopsgd.dpsgd(nx.cycle_graph(16)),
     "overlap_m16": lambda: coopsgd.overlap_local_sgd(16, 2, 0.5),
     "cyclic_exponential_m16": lambda: coopsgd.Algorithm(schedules.one_peer_exponential(16), tau=2),
