@@ -245,6 +245,10 @@ class TestCLI:
             (["--algorithm", "local_sgd", "--seeds", "1"], "--seeds"),
             (["--algorithm", "local_sgd", "--lr", "-1"], "--lr"),
             (["--algorithm", "local_sgd", "--steps", "x"], "invalid int"),
+            (["--algorithm", "easgd", "--alpha", "5"], "alpha"),
+            (["--algorithm", "local_sgd", "--dim", "0"], "d must be"),
+            (["--algorithm", "local_sgd", "--plot", "/nonexistent/dir/x.png"], "not writable"),
+            (["--algorithm", "local_sgd", "--problem", "mnist"], "valid problem names: quadratic"),
         ],
     )
     def test_bad_input_exit_two(self, argv, match, capsys):

@@ -17,6 +17,7 @@ them, e.g. η beyond the step-size condition); 2 on bad input (one line on stder
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 
@@ -145,6 +146,10 @@ def run(args) -> int:
             raise CommandError(f"--lr must be > 0, got {eta}")
     if args.heterogeneity > 0 and len(args.workers) > 1:
         raise CommandError("--heterogeneity needs a single --workers value (the optima are per worker)")
+    if args.plot:
+        folder = os.path.dirname(os.path.abspath(args.plot)) or "."
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise CommandError(f"cannot write the plot {args.plot!r}: folder {folder!r} is not writable")
     taus = args.tau or [1]
     topologies = args.topology or [None]
     notes = []
