@@ -10,7 +10,6 @@ resume checkpoints (:mod:`coopsgd.checkpoint`).
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json

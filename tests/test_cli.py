@@ -1,7 +1,6 @@
 """The command line: topology, compare and train end to end, and bad input → one line, exit 2."""
 
 import json
-import os
 
 import numpy as np
 import pytest

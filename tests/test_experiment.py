@@ -4,7 +4,6 @@ import jax
 import numpy as np
 import pytest
 
-import coopsgd
 from coopsgd import data, experiment as ex
 
 
