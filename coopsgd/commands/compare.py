@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--algorithms", "-a", metavar="A,B,C",
                    help="comma-separated subset (default: all available)")
     p.add_argument("--quick", action="store_true", help=f"a short run ({QUICK['steps']} steps, <= 30 s)")
-    p.add_argument("--out", "-o", default=DEFAULT_OUT, metavar="DIR", help=f"results folder (default {DEFAULT_OUT})")
+    p.add_argument("--out", "-o", metavar="DIR", help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--data", metavar="NPZ", help="your own .npz with arrays x and y (default: bundled digits)")
     p.add_argument("--workers", "-m", type=int, metavar="M", help="number of simulated workers (default 8)")
     p.add_argument("--steps", type=int, metavar="K", help=f"iterations per algorithm (default {DEFAULT['steps']})")
@@ -72,7 +72,8 @@ def _base_config(args) -> dict:
     sets = dict(ex.parse_override(t) for t in args.overrides)
     if "algorithm" in sets:
         raise CommandError("compare picks algorithms with --algorithms a,b,c, not --set algorithm=")
-    return ex.make_config(layer, sets, {"out": args.out})
+    out = args.out if args.out is not None else sets.pop("out", DEFAULT_OUT)
+    return ex.make_config(layer, sets, {"out": out})
 
 
 def _algorithms(args) -> list[str]:
