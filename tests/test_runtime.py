@@ -133,3 +133,12 @@ class TestErrors:
     def test_bad_values(self, make, match):
         with pytest.raises(ValueError, match=match):
             make()
+
+
+def test_docstring_examples():
+    import doctest
+
+    from coopsgd import data
+
+    for module in (rt, data):
+        assert doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
