@@ -382,9 +382,14 @@ class RunResult(dict):
 HISTORY_KEYS = ("step", "time", "loss", "batch_loss", "consensus", "test_accuracy", "tau")
 """Columns of a run's history, one row per evaluation (step 0, then after each block that crosses a
 multiple of ``eval_every``, and at the end): ``time`` simulated seconds; ``loss`` the worker-averaged
-loss on the whole training set; ``batch_loss`` and ``consensus`` the means over the block's steps of
+loss on the whole training set (at most ``EVAL_MAX`` examples of it); ``batch_loss`` and ``consensus`` the means over the block's steps of
 the mini-batch loss and of the consensus distance (1/m) Σ‖x_i − x̄‖² after each step; ``test_accuracy``
 of the average of all columns; ``tau`` the period in force."""
+
+
+EVAL_MAX = 8192
+"""Training examples the worker-averaged training loss is evaluated on (all of them up to this
+many; beyond it a fixed seeded subset of this size)."""
 
 
 def _param_bytes(params) -> float:
@@ -426,7 +431,10 @@ class _Run:
         self.bytes = 0.0
         self.real_time = 0.0
         self._last = (None, 0.0)
-        self._x_train, self._y_train = jax.numpy.asarray(ds.x_train), jax.numpy.asarray(ds.y_train)
+        keep = np.arange(len(ds.y_train))
+        if len(keep) > EVAL_MAX:  # a fixed subset keeps evaluation cheap on large user data sets
+            keep = np.sort(np.random.default_rng([cfg["seed"], 4]).permutation(len(keep))[:EVAL_MAX])
+        self._x_train, self._y_train = jax.numpy.asarray(ds.x_train[keep]), jax.numpy.asarray(ds.y_train[keep])
         self._x_test, self._y_test = jax.numpy.asarray(ds.x_test), jax.numpy.asarray(ds.y_test)
         self._evaluator = _evaluator(self.model, self.algorithm.m)
 
