@@ -340,15 +340,23 @@ class CooperativeSGD:
                     x, o, loss, aux = local_step(x, o, k, b)
                     return (x, o, k + 1), (loss, aux, consensus(x))
 
+                if plan is None or not track:
+                    # One scan over the whole round, then the mixing (the usual, leanest program).
+                    (x, o, k), outs = lax.scan(body, (x, o, k), batch)
+                    if plan is not None:
+                        x, z = _comm.mix_local(plan, x, z, coef, axis, num_devices, device)
+                        o = sync_opt(o, x)
+                    return (x, z, o, k), outs
+                # With the consensus metric the last step is unrolled, so that its consensus is
+                # measured after the mixing without computing it twice.
                 head = jax.tree.map(lambda a: a[: length - 1], batch)
                 last = jax.tree.map(lambda a: a[length - 1], batch)
                 if length > 1:
                     (x, o, k), outs_head = lax.scan(body, (x, o, k), head)
                 x, o, loss, aux = local_step(x, o, k, last)
                 k = k + 1
-                if plan is not None:
-                    x, z = _comm.mix_local(plan, x, z, coef, axis, num_devices, device)
-                    o = sync_opt(o, x)
+                x, z = _comm.mix_local(plan, x, z, coef, axis, num_devices, device)
+                o = sync_opt(o, x)
                 outs_last = jax.tree.map(lambda a: a[None], (loss, aux, consensus(x)))
                 if length > 1:
                     outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs_head, outs_last)
