@@ -132,7 +132,7 @@ def network_factor(tau: int, zeta: float) -> float:
     """
     tau = _integer("tau", tau, 1)
     z2 = _zeta(zeta) ** 2
-    return (1.0 + z2) / (1.0 - z2) * tau - 1.0
+    return (tau - 1.0) + tau * 2.0 * z2 / (1.0 - z2)  # the same, without cancellation at small ζ
 
 
 # ----------------------------------------------------------------------------------------------

@@ -247,3 +247,35 @@ class TestContraction:
     def test_bad_probabilities(self):
         with pytest.raises(ValueError, match="probabilities"):
             theory.matching_contraction([np.zeros((2, 2))], [1.5], 0.1)
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+class TestProperties:
+    @settings(max_examples=200, deadline=None)
+    @given(
+        L=st.floats(0.01, 100), m=st.integers(1, 64), v=st.integers(0, 2), tau=st.integers(1, 64),
+        zeta=st.floats(0, 0.99),
+    )
+    def test_eta_max_solves_the_condition_with_equality(self, L, m, v, tau, zeta):
+        c = theory.lr_condition(L=L, eta=1.0, m=m, v=v, tau=tau, zeta=zeta)
+        at = theory.lr_condition(L=L, eta=c.eta_max, m=m, v=v, tau=tau, zeta=zeta)
+        assert at.ok and at.value == pytest.approx(1.0, rel=1e-9)
+        assert not theory.lr_condition(L=L, eta=c.eta_max * 1.001, m=m, v=v, tau=tau, zeta=zeta).ok
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        L=st.floats(0.01, 10), s2=st.floats(0, 10), gap=st.floats(0, 10), eta=st.floats(1e-4, 1),
+        m=st.integers(1, 32), tau=st.integers(1, 32), zeta=st.floats(0, 0.99), K=st.integers(1, 10_000),
+    )
+    def test_limits_hold_for_any_constants(self, L, s2, gap, eta, m, tau, zeta, K):
+        args = dict(L=L, sigma2=s2, f_gap=gap, eta=eta, m=m, K=K, warn=False)
+        local = theory.cooperative_bound(tau=tau, zeta=0.0, **args)
+        assert local.network == pytest.approx(eta**2 * L**2 * s2 * (tau - 1), rel=1e-12, abs=1e-300)
+        dpsgd = theory.cooperative_bound(tau=1, zeta=zeta, **args)
+        assert dpsgd.network == pytest.approx(2 * eta**2 * L**2 * s2 * zeta**2 / (1 - zeta**2), rel=1e-9, abs=1e-300)
+        b = theory.cooperative_bound(tau=tau, zeta=zeta, **args)
+        assert b.total == pytest.approx(b.optimization + b.noise + b.network)
+        assert b.network >= local.network - 1e-15  # ζ only adds to the network term
