@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -548,8 +548,8 @@ class CooperativeSGD:
         Args:
             state: from :meth:`init` (or a previous call; a run may start mid-round).
             batches: a pytree whose leaves have shape ``(steps, m, …)`` (or longer; the first
-                ``steps`` are used), or an iterable yielding one batch (leaves (m, …)) per step,
-                or a callable ``step -> batch``.
+                ``steps`` are used), or an iterator yielding one batch (leaves (m, …)) per step
+                (e.g. ``iter(list_of_batches)`` or a generator), or a callable ``step -> batch``.
             steps: number of iterations.
             check_finite: stop with :class:`NonFiniteError` at the first non-finite loss.
 
@@ -627,19 +627,15 @@ class CooperativeSGD:
 
 
 class _BatchSource:
-    """Batches for ``run``: stacked leaves (steps, m, …), an iterable of per-step batches, or a
-    callable ``step -> batch``; handed out as leaves (rounds, length, m, …)."""
+    """Batches for ``run``: a pytree of stacked leaves (steps, m, …), an iterator of per-step
+    batches, or a callable ``step -> batch``; handed out as leaves (count, m, …)."""
 
     def __init__(self, batches, steps: int, m: int):
         self.m, self.steps = m, steps
-        self.kind = None
-        if callable(batches) and not isinstance(batches, (np.ndarray, jax.Array)):
+        if isinstance(batches, Iterator):
+            self.kind, self.it = "iter", batches
+        elif callable(batches) and not isinstance(batches, (np.ndarray, jax.Array)):
             self.kind, self.fn = "callable", batches
-        elif isinstance(batches, Iterator) or (
-            isinstance(batches, Iterable) and not isinstance(batches, (dict, tuple, list, np.ndarray, jax.Array))
-            and not hasattr(batches, "_fields")
-        ):
-            self.kind, self.it = "iter", iter(batches)
         else:
             self.kind, self.tree = "stacked", batches
             for path, leaf in jax.tree_util.tree_flatten_with_path(batches)[0]:

@@ -5,7 +5,6 @@
 import re
 
 import jax
-import jax.numpy as jnp
 import networkx as nx
 import numpy as np
 import optax
