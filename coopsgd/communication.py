@@ -44,6 +44,7 @@ __all__ = [
     "plan_for_support",
     "coefficients",
     "communication",
+    "tree_bytes",
     "mix",
 ]
 
@@ -271,6 +272,14 @@ def communication(plan: MixPlan, param_bytes: float, w=None) -> Communication:
         return Communication("neighbour", active * p + reduces * ring,
                              active + reduces * 2 * (m - 1), reduces, active)
     return Communication("all-reduce", reduces * ring, reduces * 2 * (m - 1), reduces, 0)
+
+
+def tree_bytes(params) -> int:
+    """Bytes of one model (one column): Σ over leaves of size × itemsize — the ``param_bytes`` of
+    :func:`communication`."""
+    import jax
+
+    return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
 
 
 # ---------------------------------------------------------------------------------- the kernel

@@ -143,6 +143,10 @@ class TestPlans:
         c = communication.communication(communication.plan_for_matrix(dense, 8), p)
         assert (c.kind, c.bytes_per_worker) == ("dense", 7 * p)
 
+    def test_tree_bytes(self):
+        params = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(2, np.float64)}
+        assert communication.tree_bytes(params) == 3 * 4 * 4 + 2 * 8
+
     def test_trainer_communication(self):
         t = coopsgd.CooperativeSGD(coopsgd.easgd(4, tau=2), optax.sgd(0.1), loss_fn)
         c = t.communication(400.0)
@@ -351,6 +355,8 @@ class TestTimeVarying:
         comm = np.concatenate([metrics.communicated, metrics2.communicated]).tolist()
         assert comm == [False, False, True, False, True, False, True, False, True, False]
         assert int(state.step) == 10 and int(state.rounds) == 4
+        # One program per distinct (rounds per call, τ, plan), compiled once and reused.
+        assert sorted(k[:2] for k in trainer._programs) == [(1, 1), (1, 2), (1, 3)]
 
 
 class TestTrainer:
