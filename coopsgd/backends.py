@@ -123,6 +123,10 @@ class Pmap(Backend):
     name = "pmap"
 
     def __init__(self, m: int, v: int, devices=None):
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"backend='pmap' runs in one process, but there are {jax.process_count()} "
+                "processes; use backend='shard_map' across processes")
         self.devices = list(devices) if devices is not None else jax.local_devices()
         self.num_devices = len(self.devices)
         self.axis = AXIS

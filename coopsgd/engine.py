@@ -382,8 +382,7 @@ class CooperativeSGD:
         finite = jnp.all(finite_w, axis=1)
         if outs["consensus"] is not None:
             finite = finite & jnp.isfinite(outs["consensus"])
-        return {**outs, "loss": jnp.mean(losses, axis=1), "finite": finite,
-                "bad_worker": jnp.argmin(finite_w, axis=1)}
+        return {**outs, "loss": jnp.mean(losses, axis=1), "finite": finite}
 
     def _program(self, rounds: int, length: int, plan):
         key = (rounds, length, plan)
@@ -600,11 +599,14 @@ class CooperativeSGD:
         if finite.all():
             return
         i = int(np.argmin(finite))
-        loss = np.asarray(metrics.loss)[i]
-        cons = "" if metrics.consensus is None else f", consensus distance {np.asarray(metrics.consensus)[i]}"
+        losses = np.asarray(metrics.losses)[i]
+        bad = np.flatnonzero(~np.isfinite(losses))
+        worker = int(bad[0]) if bad.size else None
+        where = (f"worker {worker} loss {losses[worker]}" if worker is not None
+                 else f"consensus distance {np.asarray(metrics.consensus)[i]}")
         raise NonFiniteError(
-            f"non-finite value at step {k0 + i} (0-based): mean loss {loss}{cons}; stopping the run. "
-            "Lower the learning rate or check the data.", step=k0 + i)
+            f"non-finite value at step {k0 + i} (0-based): {where}; stopping the run. "
+            "Lower the learning rate or check the data.", step=k0 + i, worker=worker)
 
     def lower_step(self, state: EngineState, batch, mixes: bool = True, r: int = 0):
         """The lowered program of one step (``mixes``: with the r-th mixing), to read its HLO:

@@ -551,7 +551,8 @@ class TestBadInput:
         t = coopsgd.CooperativeSGD(coopsgd.local_sgd(m, 2), optax.sgd(LR), loss_fn)
         with pytest.raises(coopsgd.NonFiniteError, match="step 5") as err:
             t.run(t.init(INIT), batches, steps)
-        assert err.value.step == 5
+        assert err.value.step == 5 and err.value.worker == 1
+        assert "worker 1" in str(err.value)
         # step() reports it in the metrics instead.
         state = t.init(INIT)
         for k in range(6):
