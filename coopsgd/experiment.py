@@ -15,12 +15,13 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Mapping
 
 import numpy as np
+
+from coopsgd.files import atomic_write
 
 __all__ = [
     "DEFAULTS",
@@ -715,19 +716,11 @@ def prepare_out(path) -> str:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
             f.write(text)
-        from coopsgd.plotting import _default_mode
 
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, write)
 
 
 SUMMARY_COLUMNS = ("name", "final_train_loss", "test_accuracy", "comm_rounds", "bytes_communicated",

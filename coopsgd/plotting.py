@@ -8,13 +8,14 @@ A *history* is a mapping with equal-length lists ``"step"``, ``"time"`` (simulat
 from __future__ import annotations
 
 import os
-import tempfile
 
 import networkx as nx
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
+
+from coopsgd.files import atomic_write
 
 __all__ = ["plot_curves", "plot_run_figures", "plot_topology", "RUN_FIGURES"]
 
@@ -29,28 +30,9 @@ RUN_FIGURES = {
 _STYLES = ("-", "--", "-.", ":")
 
 
-def _default_mode() -> int:
-    """0o666 less the process umask: what a plain open() would have created (mkstemp gives 0o600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _save(fig: Figure, path) -> str:
-    path = os.fspath(path)
     FigureCanvasAgg(fig)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def plot_curves(histories: dict, x: str, y: str, path, *, xlabel: str | None = None,

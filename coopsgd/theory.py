@@ -29,6 +29,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from coopsgd.schedules import require_int as _integer
+
 __all__ = [
     "Bound",
     "StepSizeWarning",
@@ -100,17 +102,6 @@ def _positive(name: str, value, *, allow_zero: bool = False, why: str = "") -> f
         rule = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be finite and {rule}{why}, got {name} = {value!r}")
     return x
-
-
-def _integer(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        if isinstance(value, (float, np.floating)) and float(value).is_integer():
-            value = int(value)
-        else:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {name} = {value!r}")
-    return int(value)
 
 
 def _zeta(zeta) -> float:
