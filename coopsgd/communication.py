@@ -22,8 +22,8 @@ auxiliary columns are replicated on every device, so ``W_aw`` and ``W_aa`` are l
 
 A *slot* is a permutation ``π_s`` of the workers with a coefficient per destination:
 ``new[j] += c_s[j] · old[π_s(j)]``. Slots are circulant shifts when W is circulant on the workers
-(a ring: shifts ±1, i.e. ``jnp.roll``), otherwise the matchings of the support graph
-(:func:`coopsgd.topology.matchings`), whichever needs fewer. Coefficients are *arguments* of the
+(a ring: shifts ±1, i.e. ``jnp.roll``), otherwise the partial permutations of an edge colouring
+of the directed support (Δ of them, Δ the largest degree; König's theorem), whichever needs fewer. Coefficients are *arguments* of the
 compiled program, so a time-varying W over a fixed support (a random schedule) reuses one program.
 """
 
@@ -34,7 +34,6 @@ from typing import NamedTuple
 import numpy as np
 
 from coopsgd import mixing as _mixing
-from coopsgd import topology as _topology
 
 __all__ = [
     "MixPlan",
@@ -119,22 +118,43 @@ def _shift_slots(offdiag: np.ndarray):
     return sorted({int((i - j) % m) for i, j in zip(src, dst)})
 
 
+def _permutation_slots(offdiag: np.ndarray):
+    """Split the arcs ``i → j`` (``W[i, j] ≠ 0``, i ≠ j) into Δ partial permutations, Δ the largest
+    in- or out-degree, by edge-colouring the bipartite graph destinations × sources (König's
+    theorem, alternating-path algorithm). A d-regular graph needs d slots."""
+    m = len(offdiag)
+    at: list[dict[int, int]] = [{} for _ in range(2 * m)]  # node -> colour -> other end
+    src, dst = np.nonzero(offdiag)
+    for i, j in sorted(zip(src.tolist(), dst.tolist()), key=lambda e: (e[1], e[0])):
+        u, v = j, m + i
+        a = next(c for c in range(2 * m) if c not in at[u])
+        b = next(c for c in range(2 * m) if c not in at[v])
+        if a in at[v]:  # free a at v by swapping a <-> b along the path that starts at v
+            path, x, c = [], v, a
+            while c in at[x]:
+                y = at[x][c]
+                path.append((x, y, c))
+                x, c = y, (b if c == a else a)
+            for x, y, c in path:
+                del at[x][c], at[y][c]
+            for x, y, c in path:
+                swapped = b if c == a else a
+                at[x][swapped], at[y][swapped] = y, x
+        at[u][a], at[v][a] = v, u
+    colours = sorted({c for j in range(m) for c in at[j]})
+    return tuple(tuple(at[j][c] - m if c in at[j] else j for j in range(m)) for c in colours)
+
+
 def _slots_from_support(offdiag: np.ndarray):
-    """(slots, shifts) with the fewest slots: circulant shifts or matchings of the support graph."""
+    """(slots, shifts) with the fewest slots: circulant shifts (a ``roll`` each) when they are
+    no more than the permutations of a bipartite edge colouring."""
     m = len(offdiag)
     offsets = _shift_slots(offdiag)
-    graph = _mixing.support_graph(offdiag | offdiag.T)
-    matchings = _topology.matchings(graph) if graph.number_of_edges() else []
-    if offsets and len(offsets) <= len(matchings):
+    perms = _permutation_slots(offdiag)
+    if offsets and len(offsets) <= len(perms):
         slots = tuple(tuple(int((j + o) % m) for j in range(m)) for o in offsets)
         return slots, tuple(offsets)
-    slots = []
-    for edges in matchings:
-        perm = list(range(m))
-        for a, b in edges:
-            perm[a], perm[b] = b, a
-        slots.append(tuple(perm))
-    return tuple(slots), (None,) * len(slots)
+    return perms, (None,) * len(perms)
 
 
 def _plan(support: np.ndarray, m: int, v: int, values: np.ndarray | None) -> MixPlan:

@@ -41,6 +41,8 @@ ALGOS = {
     "cyclic_exponential_m16": lambda: coopsgd.Algorithm(schedules.one_peer_exponential(16), tau=2),
     "random_matchings_m16": lambda: coopsgd.Algorithm(RandomMatchings(16, seed=1), tau=1),
     "dense_star_m8": lambda: coopsgd.dpsgd(nx.star_graph(7)),
+    # Non-circulant sparse W: permutation slots whose exchange tables differ from device to device.
+    "torus_dpsgd_m16": lambda: coopsgd.dpsgd(nx.grid_2d_graph(4, 4, periodic=True)),
 }
 
 
@@ -141,6 +143,16 @@ class TestCompiledCommunication:
     def test_ring_dpsgd_is_collective_permutes(self, backend, m):
         ops = self.hlo(backend, coopsgd.dpsgd(nx.cycle_graph(m)))
         assert ops["collective-permute"] == 2  # one per neighbour slot (left, right)
+        assert ops["all-reduce"] == 0 and ops["all-gather"] == 0
+
+    def test_torus_is_collective_permutes_only(self):
+        algo = coopsgd.dpsgd(nx.grid_2d_graph(4, 4, periodic=True))
+        ops = self.hlo("shard_map", algo)
+        plan = communication.plan_for_matrix(algo.W, 16)
+        # One ppermute per (slot, device offset that carries data), from the exchange tables.
+        expected = sum(1 for perm in plan.slots
+                       for delta, _, _ in communication.exchange_tables(perm, 8, 2) if delta)
+        assert ops["collective-permute"] == expected >= 4
         assert ops["all-reduce"] == 0 and ops["all-gather"] == 0
 
     def test_dense_w_is_all_gather(self):
