@@ -41,6 +41,7 @@ __all__ = [
     "KINDS",
     "plan_for_matrix",
     "plan_for_support",
+    "active_slots",
     "coefficients",
     "communication",
     "tree_bytes",
@@ -194,12 +195,44 @@ def plan_for_matrix(w, m: int, v: int = 0) -> MixPlan:
     return _plan(np.abs(w) > _TOL, m, v, w)
 
 
-def plan_for_support(support, m: int, v: int = 0) -> MixPlan:
+def plan_for_support(support, m: int, v: int = 0, matchings=None) -> MixPlan:
     """A plan that applies *any* W whose non-zeros lie in ``support`` (for random schedules,
-    whose W changes every round: the values arrive as coefficients at run time)."""
+    whose W changes every round: the values arrive as coefficients at run time).
+
+    ``matchings`` (lists of worker pairs ``(a, b)``, disjoint within each list, e.g. MATCHA's
+    decomposition) become the slots when they cover the support's worker edges and are fewer than
+    m − 1: then a slot is inactive exactly when its matching is (see :func:`active_slots`).
+    """
     support = np.asarray(support, dtype=bool) | np.eye(m + v, dtype=bool)
     plan = _plan(support, m, v, None)
-    return plan
+    if matchings is None or plan.kind != "neighbour":
+        return plan
+    slots, covered = [], np.eye(m, dtype=bool)
+    for edges in matchings:
+        perm = list(range(m))
+        for a, b in edges:
+            a, b = int(a), int(b)
+            if not (0 <= a < m and 0 <= b < m) or a == b or perm[a] != a or perm[b] != b:
+                return plan  # not a matching on the workers: ignore the hint
+            perm[a], perm[b] = b, a
+            covered[a, b] = covered[b, a] = True
+        slots.append(tuple(perm))
+    if np.any(support[:m, :m] & ~covered) or not slots or len(slots) >= m - 1:
+        return plan
+    return plan._replace(slots=tuple(slots), shifts=(None,) * len(slots))
+
+
+def active_slots(plan: MixPlan, w) -> MixPlan:
+    """``plan`` keeping only the neighbour slots that carry a non-zero weight in ``w`` (a random
+    schedule's active matchings); ``diag`` when none does."""
+    if plan.kind != "neighbour":
+        return plan
+    coef = coefficients(plan, w)["slots"]
+    keep = [s for s in range(len(plan.slots)) if np.any(np.abs(coef[s]) > _TOL)]
+    if not keep:
+        return plan._replace(kind="diag", slots=(), shifts=())
+    return plan._replace(slots=tuple(plan.slots[s] for s in keep),
+                         shifts=tuple(plan.shifts[s] for s in keep))
 
 
 def coefficients(plan: MixPlan, w) -> dict[str, np.ndarray]:

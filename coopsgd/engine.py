@@ -201,20 +201,37 @@ class CooperativeSGD:
             self._support_plan = None
         else:
             self._cycle_plans = self._cycle_coefs = None
-            self._support_plan = _comm.plan_for_support(sched.support, self.m, self.v)
+            self._support_plan = _comm.plan_for_support(
+                sched.support, self.m, self.v, getattr(sched, "matchings", None))
+        # A random schedule on devices sends only the slots active in each round's W (one program
+        # per activation pattern, cached); simulated, one program over the whole support keeps
+        # rounds fused.
+        self._prune = (self._support_plan is not None and self._support_plan.kind == "neighbour"
+                       and not isinstance(self.backend, _backends.Simulate))
+        self._round_w: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------ plans and coefficients
+    def _w_at(self, r: int) -> np.ndarray:
+        """W^(r) of a random schedule (the last few are kept: plan and coefficients both need it)."""
+        if r not in self._round_w:
+            if len(self._round_w) > 64:
+                self._round_w.clear()
+            self._round_w[r] = self.algorithm.mixing.at(r)
+        return self._round_w[r]
+
     def plan(self, r: int = 0) -> _comm.MixPlan:
         """The communication plan of the r-th mixing (compiled once per distinct plan)."""
         if self._cycle_plans is not None:
             return self._cycle_plans[r % len(self._cycle_plans)]
+        if self._prune:
+            return _comm.active_slots(self._support_plan, self._w_at(r))
         return self._support_plan
 
     def mixing_coefficients(self, r: int = 0) -> dict[str, np.ndarray]:
         """The run-time arguments of the r-th mixing (see :func:`coopsgd.communication.coefficients`)."""
         if self._cycle_coefs is not None:
             return self._cycle_coefs[r % len(self._cycle_coefs)]
-        return _comm.coefficients(self._support_plan, self.algorithm.mixing.at(r))
+        return _comm.coefficients(self.plan(r), self._w_at(r))
 
     def communication(self, param_bytes: float, r: int = 0) -> _comm.Communication:
         """What the r-th mixing sends per worker, for a model of ``param_bytes`` bytes.
@@ -229,14 +246,21 @@ class CooperativeSGD:
             >>> t.communication(4000).kind
             'all-reduce'
         """
-        w = None if self._cycle_plans is not None else self.algorithm.mixing.at(r)
+        w = None if self._cycle_plans is not None else self._w_at(r)
         return _comm.communication(self.plan(r), param_bytes, w)
+
+    def round_communicates(self, r: int) -> bool:
+        """Whether the r-th mixing moves data between workers (False for W^(r) = I, or a random
+        schedule's round with no active slot), on every backend alike."""
+        if self._cycle_plans is not None:
+            return self.plan(r).communicates
+        return _comm.active_slots(self._support_plan, self._w_at(r)).communicates
 
     @property
     def uniform_plan(self) -> bool:
         """Whether every mixing uses the same compiled plan (so rounds can be fused)."""
         if self._cycle_plans is None:
-            return True
+            return not self._prune
         return len(set(self._cycle_plans)) == 1
 
     # ------------------------------------------------------------------------------- state
@@ -432,7 +456,7 @@ class CooperativeSGD:
         coef = self.mixing_coefficients(r) if mix else {}
         local = self._local_program(1, tau, plan, 1, None)
         communicated = np.zeros(tau, bool)
-        communicated[-1] = bool(mix and plan.communicates)
+        communicated[-1] = bool(mix and self.round_communicates(r))
         summarize = self._summarize
         rounds_inc = int(bool(mix))
 
@@ -511,8 +535,9 @@ class CooperativeSGD:
                                               state.rounds, state.key,
                                               self.backend.place_batches(batches), coefs)
         communicated = np.zeros(rounds * length, bool)
-        if mixes and plan.communicates:
-            communicated[length - 1 :: length] = True
+        if mixes:
+            communicated[length - 1 :: length] = [self.round_communicates(r0 + i)
+                                                  for i in range(rounds)]
         return EngineState(params, opt, step, count, state.key), self._metrics(s, communicated)
 
     @property

@@ -201,3 +201,28 @@ def test_rng_and_aux_agree_across_backends():
         np.testing.assert_allclose(out[backend][0], out["simulate"][0], rtol=2e-5, atol=2e-6)
         np.testing.assert_allclose(out[backend][1], out["simulate"][1], rtol=1e-6)
     assert out["simulate"][1].shape == (3, 16)
+
+
+def test_random_schedule_sends_only_active_matchings():
+    # A random schedule that names its matchings (as MATCHA does) gets them as slots; on devices
+    # each round's program carries only the active ones (cached per activation pattern).
+    sched = RandomMatchings(16, seed=5)
+    algo = coopsgd.Algorithm(sched, tau=1)
+    t = coopsgd.CooperativeSGD(algo, optax.sgd(0.1), loss_fn, backend="shard_map",
+                               track_consensus=False)
+    batch = jax.tree.map(lambda x: x[0], make_batches(1, 16))
+    state = t.init(INIT)
+    seen = {}
+    for r in range(40):
+        key = len(t.plan(r).slots)
+        if key not in seen:
+            seen[key] = r
+    assert set(seen) == {0, 1, 2}
+    for count, r in seen.items():
+        plan = t.plan(r)
+        ops = collectives(t.lower_step(state, batch, r=r).compile().as_text())
+        expected = sum(1 for perm in plan.slots
+                       for delta, _, _ in communication.exchange_tables(perm, 8, 2) if delta)
+        assert ops["collective-permute"] == expected and ops["all-reduce"] == 0
+        assert t.round_communicates(r) == (count > 0)
+        assert t.communication(100.0, r).neighbour_slots == count

@@ -334,9 +334,14 @@ class TestTimeVarying:
         algo = coopsgd.Algorithm(sched, tau=1)
         assert algo.mixing.cycle is None
         batches = make_batches(steps, m, seed=9)
-        t, _, _, w, b = run_engine(algo, batches, steps)
-        assert t.plan().kind == "neighbour"
+        t, _, metrics, w, b = run_engine(algo, batches, steps)
+        plan = t.plan()
+        assert plan.kind == "neighbour" and len(plan.slots) == 2  # the schedule's own matchings
+        assert all(p[p[j]] == j for p in plan.slots for j in range(m))
         ew, eb = local_sgd_np(batches, steps, m, 0, lambda s, w, b: (sched.at(s).T @ w, sched.at(s).T @ b))
+        # A round whose draw activates no matching has W = I: it does not communicate.
+        expect = [not np.allclose(sched.at(s), np.eye(m)) for s in range(steps)]
+        assert np.asarray(metrics.communicated).tolist() == expect
         np.testing.assert_allclose(w, ew, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(b, eb, rtol=1e-5, atol=1e-5)
 
