@@ -34,3 +34,14 @@ def test_multi_device_quick():
         assert report["ring_dpsgd"][backend]["max_abs_diff_vs_simulate"] < 1e-5
         ring = report["ring_dpsgd"][backend]["mixing_step_collectives"]
         assert ring == {"all-reduce": 0, "all-gather": 0, "collective-permute": 2}
+
+
+def test_engine_doc_quick_start_runs():
+    import re
+
+    text = (EXAMPLES.parent / "docs" / "engine.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    scope: dict = {}
+    exec(block, scope)  # noqa: S102 - the documented snippet, verbatim
+    assert scope["metrics"].loss.shape == (100,)
+    assert scope["u"]["w"].shape == (10,)
