@@ -34,6 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from coopsgd import mixing as _mixing
+from coopsgd import topology as _topology
 
 __all__ = [
     "MixPlan",
@@ -122,28 +123,15 @@ def _shift_slots(offdiag: np.ndarray):
 def _permutation_slots(offdiag: np.ndarray):
     """Split the arcs ``i → j`` (``W[i, j] ≠ 0``, i ≠ j) into Δ partial permutations, Δ the largest
     in- or out-degree, by edge-colouring the bipartite graph destinations × sources (König's
-    theorem, alternating-path algorithm). A d-regular graph needs d slots."""
+    theorem, :func:`coopsgd.topology.bipartite_edge_colouring`). A d-regular graph needs d slots."""
     m = len(offdiag)
-    at: list[dict[int, int]] = [{} for _ in range(2 * m)]  # node -> colour -> other end
     src, dst = np.nonzero(offdiag)
-    for i, j in sorted(zip(src.tolist(), dst.tolist()), key=lambda e: (e[1], e[0])):
-        u, v = j, m + i
-        a = next(c for c in range(2 * m) if c not in at[u])
-        b = next(c for c in range(2 * m) if c not in at[v])
-        if a in at[v]:  # free a at v by swapping a <-> b along the path that starts at v
-            path, x, c = [], v, a
-            while c in at[x]:
-                y = at[x][c]
-                path.append((x, y, c))
-                x, c = y, (b if c == a else a)
-            for x, y, c in path:
-                del at[x][c], at[y][c]
-            for x, y, c in path:
-                swapped = b if c == a else a
-                at[x][swapped], at[y][swapped] = y, x
-        at[u][a], at[v][a] = v, u
-    colours = sorted({c for j in range(m) for c in at[j]})
-    return tuple(tuple(at[j][c] - m if c in at[j] else j for j in range(m)) for c in colours)
+    arcs = sorted(zip(dst.tolist(), src.tolist()))  # (destination j, source i)
+    colours = _topology.bipartite_edge_colouring(arcs)
+    slots = [list(range(m)) for _ in range(max(colours, default=-1) + 1)]
+    for (j, i), c in zip(arcs, colours):
+        slots[c][j] = i
+    return tuple(tuple(slot) for slot in slots)
 
 
 def _slots_from_support(offdiag: np.ndarray):

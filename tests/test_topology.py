@@ -46,6 +46,8 @@ def _check_decomposition(graph):
         assert len(nodes) == len(set(nodes)), f"{part} is not a matching"
     max_deg = max((d for _, d in graph.degree), default=0)
     assert max_deg <= len(parts) <= max_deg + 1  # Vizing
+    if nx.is_bipartite(graph):
+        assert len(parts) == max_deg  # König
     return parts
 
 
@@ -63,6 +65,24 @@ class TestMatchings:
     )
     def test_families(self, graph):
         _check_decomposition(topology.canonical(graph))
+
+    @pytest.mark.parametrize("graph,count", [(nx.cycle_graph(8), 2), (nx.cycle_graph(9), 3),
+                                             (nx.hypercube_graph(4), 4), (nx.star_graph(3), 3)])
+    def test_counts_by_hand(self, graph, count):
+        assert len(topology.matchings(topology.canonical(graph))) == count
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.integers(1, 12), st.integers(1, 12), st.floats(0.05, 1.0), st.integers(0, 10_000))
+    def test_bipartite_colouring_uses_max_degree_colours(self, left, right, p, seed):
+        graph = nx.bipartite.random_graph(left, right, p, seed=seed)
+        edges = sorted((a, b) if a < left else (b, a) for a, b in graph.edges)  # (left, right)
+        colours = topology.bipartite_edge_colouring(edges)
+        seen = set()
+        for (u, v), c in zip(edges, colours):
+            assert ("L", u, c) not in seen and ("R", v, c) not in seen
+            seen |= {("L", u, c), ("R", v, c)}
+        max_deg = max((d for _, d in graph.degree), default=0)
+        assert len(set(colours)) == max_deg
 
     def test_star_needs_one_matching_per_leaf(self):
         parts = topology.matchings(nx.star_graph(5))
