@@ -308,6 +308,11 @@ def make_backend(name, m: int, v: int, devices=None, mesh=None) -> Backend:
         ValueError: for an unknown name, or when m is not a multiple of the device count.
     """
     if isinstance(name, Backend):
+        if (name.m, name.v) != (m, v):
+            raise ValueError(
+                f"backend {name.name!r} was built for m = {name.m}, v = {name.v}, but the algorithm "
+                f"has m = {m}, v = {v}"
+            )
         return name
     if name == "simulate":
         return Simulate(m, v)

@@ -200,8 +200,9 @@ def plan_for_support(support, m: int, v: int = 0, matchings=None) -> MixPlan:
         perm = list(range(m))
         for a, b in edges:
             a, b = int(a), int(b)
-            if not (0 <= a < m and 0 <= b < m) or a == b or perm[a] != a or perm[b] != b:
-                return plan  # not a matching on the workers: ignore the hint
+            if (not (0 <= a < m and 0 <= b < m) or a == b or perm[a] != a or perm[b] != b
+                    or covered[a, b]):
+                return plan  # not disjoint matchings on the workers: ignore the hint
             perm[a], perm[b] = b, a
             covered[a, b] = covered[b, a] = True
         slots.append(tuple(perm))
@@ -215,6 +216,9 @@ def active_slots(plan: MixPlan, w) -> MixPlan:
     schedule's active matchings); ``diag`` when none does."""
     if plan.kind != "neighbour":
         return plan
+    _, wa, aw, _ = _blocks(np.asarray(w, dtype=np.float64), plan.m)
+    plan = plan._replace(worker_to_aux=bool(np.any(np.abs(wa) > _TOL)),
+                         aux_to_worker=bool(np.any(np.abs(aw) > _TOL)))
     coef = coefficients(plan, w)["slots"]
     keep = [s for s in range(len(plan.slots)) if np.any(np.abs(coef[s]) > _TOL)]
     if not keep:

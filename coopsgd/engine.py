@@ -231,7 +231,8 @@ class CooperativeSGD:
         """The run-time arguments of the r-th mixing (see :func:`coopsgd.communication.coefficients`)."""
         if self._cycle_coefs is not None:
             return self._cycle_coefs[r % len(self._cycle_coefs)]
-        return _comm.coefficients(self.plan(r), self._w_at(r))
+        return {**_comm.coefficients(self.plan(r), self._w_at(r)),
+                "moves": np.float64(self.round_communicates(r))}
 
     def communication(self, param_bytes: float, r: int = 0) -> _comm.Communication:
         """What the r-th mixing sends per worker, for a model of ``param_bytes`` bytes.
@@ -276,10 +277,11 @@ class CooperativeSGD:
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
             arr = np.asarray(leaf)
             name = jax.tree_util.keystr(path) or "params"
-            if not np.issubdtype(arr.dtype, np.floating):
+            if not jnp.issubdtype(arr.dtype, jnp.floating):  # np.issubdtype misses bfloat16
                 raise ValueError(f"params{name} must be floating point, got dtype {arr.dtype}")
-            if not np.all(np.isfinite(arr)):
-                bad = int(np.sum(~np.isfinite(arr)))
+            finite = np.isfinite(arr.astype(np.float32))
+            if not np.all(finite):
+                bad = int(np.sum(~finite))
                 raise ValueError(f"initial params{name} has {bad} non-finite entries (NaN or Inf)")
         columns = jax.tree.map(lambda p: np.broadcast_to(np.asarray(p), (self.n,) + np.shape(p)), params)
         workers = jax.tree.map(lambda p: jnp.broadcast_to(jnp.asarray(p), (self.m,) + jnp.shape(p)), params)
@@ -355,6 +357,16 @@ class CooperativeSGD:
 
                 return jax.tree.map(avg, o)
 
+            def sync_if_moved(o, x, coef):
+                # Optimizer state follows the models only when they mixed: a plan that moves
+                # nothing skips it statically, a random schedule's W = I round by its flag.
+                if sync == "keep" or not plan.communicates:
+                    return o
+                synced = sync_opt(o, x)
+                if "moves" not in coef:
+                    return synced
+                return jax.tree.map(lambda a, b: jnp.where(coef["moves"] > 0, a, b), synced, o)
+
             def one_round(carry, xs):
                 x, z, o, k = carry
                 batch, coef = xs
@@ -369,7 +381,7 @@ class CooperativeSGD:
                     (x, o, k), outs = lax.scan(body, (x, o, k), batch)
                     if plan is not None:
                         x, z = _comm.mix_local(plan, x, z, coef, axis, num_devices, device)
-                        o = sync_opt(o, x)
+                        o = sync_if_moved(o, x, coef)
                     return (x, z, o, k), outs
                 # With the consensus metric the last step is unrolled, so that its consensus is
                 # measured after the mixing without computing it twice.
@@ -380,7 +392,7 @@ class CooperativeSGD:
                 x, o, loss, aux = local_step(x, o, k, last)
                 k = k + 1
                 x, z = _comm.mix_local(plan, x, z, coef, axis, num_devices, device)
-                o = sync_opt(o, x)
+                o = sync_if_moved(o, x, coef)
                 outs_last = jax.tree.map(lambda a: a[None], (loss, aux, consensus(x)))
                 if length > 1:
                     outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs_head, outs_last)

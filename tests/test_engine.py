@@ -569,3 +569,105 @@ class TestBadInput:
         for k in range(6):
             state, met = t.step(state, jax.tree.map(lambda x: x[k], batches))
         assert not bool(met.finite) and bool(jnp.isnan(met.losses[1]))
+
+
+class TestRoundsThatMoveNothing:
+    """A round whose W is I moves no data: no optimizer-state sync, no anchor traffic."""
+
+    def test_reset_only_where_models_mixed(self):
+        m, steps, mu = 8, 8, 0.9
+        sched = RandomMatchings(m, seed=5)
+        algo = coopsgd.Algorithm(sched, tau=1)
+        moves = [not np.allclose(sched.at(s), np.eye(m)) for s in range(steps)]
+        assert moves[:-1].count(False) >= 2  # W = I rounds before the end, where a reset would show
+        batches = make_batches(steps, m, seed=11)
+        trainer = coopsgd.CooperativeSGD(algo, optax.sgd(LR, momentum=mu), loss_fn,
+                                         sync_optimizer_state="reset")
+        state, metrics = trainer.run(trainer.init(INIT), batches, steps)
+        # Heavy ball by hand (optax.trace: t ← g + μ t, x ← x − η t); the trace restarts at 0
+        # after a mixing that moved data, and is kept after a W = I round.
+        w = np.tile(INIT["w"].astype(np.float64), (m, 1))
+        b = np.full(m, float(INIT["b"]))
+        tw, tb = np.zeros_like(w), np.zeros_like(b)
+        for s in range(steps):
+            for i in range(m):
+                gw, gb = grad_np(w[i], b[i], batches["x"][s, i].astype(np.float64),
+                                 batches["y"][s, i].astype(np.float64))
+                tw[i], tb[i] = gw + mu * tw[i], gb + mu * tb[i]
+                w[i] -= LR * tw[i]
+                b[i] -= LR * tb[i]
+            w, b = sched.at(s).T @ w, sched.at(s).T @ b
+            if moves[s]:
+                tw, tb = np.zeros_like(tw), np.zeros_like(tb)
+        cols = trainer.columns(state)
+        np.testing.assert_allclose(np.asarray(cols["w"]), w, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(cols["b"]), b, rtol=1e-4, atol=1e-5)
+        assert np.asarray(metrics.communicated).tolist() == moves
+
+    def test_anchor_round_with_identity_w_does_not_communicate(self):
+        # workers 0..3 on a ring plus an anchor column 4: the support has anchor traffic, but a
+        # round with W = I sends nothing at all.
+        m = 4
+        support = np.ones((m + 1, m + 1), bool)
+        support[:m, :m] = coopsgd.mixing.metropolis(nx.cycle_graph(m)) > 0
+        plan = communication.plan_for_support(support, m, 1)
+        assert plan.kind == "neighbour" and plan.worker_to_aux and plan.aux_to_worker
+        idle = communication.active_slots(plan, np.eye(m + 1))
+        assert idle.kind == "diag" and not idle.communicates
+        assert communication.communication(idle, 1000.0).bytes_per_worker == 0
+
+    def test_overlapping_matchings_hint_is_not_double_counted(self):
+        m, steps = 8, 4
+        ring = coopsgd.mixing.metropolis(nx.cycle_graph(m))
+
+        class Hinted(schedules.MixingSchedule):
+            n, cycle, support = m, None, ring > 0
+            matchings = [[(i, i + 1) for i in range(0, m, 2)],
+                         [(i, (i + 1) % m) for i in range(1, m, 2)],
+                         [(0, 1)]]  # repeats an edge of the first matching
+
+            def at(self, r):
+                return ring
+
+        algo = coopsgd.Algorithm(Hinted(), tau=1)
+        batches = make_batches(steps, m, seed=12)
+        _, _, _, w, b = run_engine(algo, batches, steps)
+        ew, eb = local_sgd_np(batches, steps, m, 0, lambda s, w, b: (ring.T @ w, ring.T @ b))
+        np.testing.assert_allclose(w, ew, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(b, eb, rtol=1e-5, atol=1e-5)
+
+
+class TestInitAndBackendChecks:
+    def test_bfloat16_params_are_accepted(self):
+        trainer = coopsgd.CooperativeSGD(coopsgd.local_sgd(2, 1), optax.sgd(LR), loss_fn)
+        state = trainer.init({"w": jnp.ones(3, jnp.bfloat16), "b": jnp.zeros((), jnp.bfloat16)})
+        assert state.params["w"].dtype == jnp.bfloat16 and state.params["w"].shape == (2, 3)
+
+    def test_non_finite_bfloat16_is_named(self):
+        trainer = coopsgd.CooperativeSGD(coopsgd.local_sgd(2, 1), optax.sgd(LR), loss_fn)
+        with pytest.raises(ValueError, match=r"params\['w'\] has 1 non-finite"):
+            trainer.init({"w": jnp.array([1.0, jnp.nan, 0.0], jnp.bfloat16), "b": jnp.zeros(())})
+
+    def test_backend_object_built_for_other_sizes(self):
+        from coopsgd import backends
+
+        with pytest.raises(ValueError, match=r"built for m = 3, v = 0.*m = 4, v = 1"):
+            coopsgd.CooperativeSGD(coopsgd.easgd(4), optax.sgd(LR), loss_fn,
+                                   backend=backends.Simulate(3, 0))
+
+
+@pytest.mark.parametrize("algo", [coopsgd.local_sgd(4, 3), coopsgd.easgd(4, tau=2)], ids=["local_sgd", "easgd"])
+def test_lean_program_without_consensus_tracking(algo):
+    """track_consensus=False compiles a different (leaner) round: same numbers as the update rule."""
+    steps = 6
+    batches = make_batches(steps, algo.m, seed=13)
+    _, _, metrics, w, b = run_engine(algo, batches, steps, track_consensus=False)
+
+    def mix_np(step, w, b):
+        wk = algo.mixing_at(step)
+        return wk.T @ w, wk.T @ b
+
+    ew, eb = local_sgd_np(batches, steps, algo.m, algo.v, mix_np)
+    np.testing.assert_allclose(w, ew, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b, eb, rtol=1e-5, atol=1e-5)
+    assert metrics.consensus is None
