@@ -66,8 +66,9 @@ class EngineState(NamedTuple):
             (``trainer.columns(state)`` always gives the n columns).
         opt_state: each worker's optax state, every leaf with leading axis m (or the pmap layout).
         step: number of local steps taken (int32 scalar).
-        rounds: number of mixings done (int32 scalar): the schedule state, since ``W^(r)`` is
-            a function of the round index r.
+        rounds: number of rounds completed, i.e. mixings done (int32 scalar). A record for users
+            and checkpoints: the engine reads the round index of step k from the period schedule
+            (``algorithm.period.round_index(k)``), which this counter always equals at a round end.
         key: base PRNG key; the key of worker i at step k is ``fold_in(fold_in(key, k), i)``.
     """
 
