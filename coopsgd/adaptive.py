@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import numpy as np
 
 from coopsgd.schedules import PeriodSchedule, require_int
 

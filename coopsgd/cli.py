@@ -106,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(_one_line(f"{PROG}: the run diverged: {err}"), file=sys.stderr)
         return 1
+    except Exception as err:
+        # Out of memory, on the host or in XLA: the configuration is too large for this machine.
+        if os.environ.get("COOPSGD_DEBUG") or not (
+                isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)):
+            raise
+        print(_one_line(f"{PROG}: error: not enough memory for this configuration ({err}); "
+                        "use fewer workers, nodes, seeds or steps"), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

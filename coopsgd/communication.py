@@ -33,7 +33,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from coopsgd import mixing as _mixing
 from coopsgd import topology as _topology
 
 __all__ = [

@@ -95,9 +95,10 @@ def load_npz(path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     if not os.path.isfile(path):
         raise ValueError(f"data file {path!r} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if not hasattr(f, "files"):
-                raise ValueError("it holds a single array, not named arrays x and y")
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single array (a .npy), not named arrays x and y")
+        with f:
             missing = [k for k in ("x", "y") if k not in f.files]
             if missing:
                 raise ValueError(f"it lacks array(s) {missing} (found {sorted(f.files)})")
@@ -120,6 +121,11 @@ def load_npz(path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
         raise ValueError(f"data file {path!r}: x has non-finite values")
     if not np.all(np.isfinite(y)) or np.any(y != np.round(y)) or np.any(y < 0):
         raise ValueError(f"data file {path!r}: y must hold integer class labels >= 0")
+    if y.max() >= len(y):
+        raise ValueError(
+            f"data file {path!r}: labels must be class numbers 0..K-1 with K at most the number of "
+            f"examples ({len(y)}), got a label {int(y.max())}"
+        )
     y = y.astype(np.int32)
     if x.ndim == 3:
         x = x[..., None]

@@ -313,7 +313,7 @@ class CooperativeSGD:
                        axis: str | None) -> Callable:
         """The per-device computation of ``rounds`` rounds of ``length`` local steps each, every
         round ending with ``plan``'s mixing (none if ``plan`` is None)."""
-        m, v = self.m, self.v
+        m = self.m
         ml = m // num_devices
         loss_fn, optimizer, has_aux, with_rng = self.loss_fn, self.optimizer, self.has_aux, self.with_rng
         sync, track = self.sync_optimizer_state, self.track_consensus

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import time
@@ -21,7 +20,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from coopsgd.files import atomic_write
+from coopsgd.files import atomic_write, to_json, writable_folder
 
 __all__ = [
     "DEFAULTS",
@@ -92,6 +91,7 @@ _CHOICES = {
     "runtime.compute": ("constant", "exponential", "shifted_exponential"),
     "runtime.comm": ("network", "constant", "random"),
 }
+_INT32_MAX = 2**31 - 1
 _INTS = {"workers": 1, "steps": 1, "batch_size": 1, "seed": 0, "eval_every": 1,
          "optimizer.warmup_steps": 0, "optimizer.decay_every": 0, "adacomm_tau0": 1}
 _POSITIVE = {"optimizer.lr", "dirichlet_alpha", "runtime.compute_time", "runtime.straggler_slowdown",
@@ -119,20 +119,8 @@ ALGORITHMS = _algorithm_table()
 
 
 def available_algorithms() -> list[str]:
-    """The names in :data:`ALGORITHMS` whose implementation exists in this installation."""
-    import coopsgd
-
-    names = []
-    for name in ALGORITHMS:
-        if name == "matcha" and not callable(getattr(coopsgd, "matcha", None)):
-            continue
-        if name == "adacomm":
-            try:
-                from coopsgd import adaptive  # noqa: F401
-            except ImportError:
-                continue
-        names.append(name)
-    return names
+    """The names in :data:`ALGORITHMS`."""
+    return list(ALGORITHMS)
 
 
 def flatten(table: Mapping, prefix: str = "") -> dict[str, object]:
@@ -202,6 +190,8 @@ def _check_value(key: str, value):
             return None
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < _INTS[key]:
             raise ValueError(f"{key} must be an integer >= {_INTS[key]}, got {value!r}")
+        if value > _INT32_MAX:  # the engine's step counter is int32
+            raise ValueError(f"{key} must be at most {_INT32_MAX}, got {value!r}")
         return int(value)
     if key in _POSITIVE or key in _NONNEG or key == "mixing_alpha" or key == "test_fraction":
         if value is None and key in ("mixing_alpha", "adacomm_interval"):
@@ -589,7 +579,6 @@ def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool =
         raise ValueError("checkpoint_every needs a checkpoint folder")
     r = _Run(cfg, dataset, name)
     steps = cfg["steps"]
-    saver = ckpt.Checkpointer(checkpoint_dir) if checkpoint_dir else None
     if resume is not None:
         reader = ckpt.Checkpointer(ckpt.find(resume))
         try:
@@ -597,8 +586,16 @@ def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool =
         finally:
             reader.close()
         _check_resume(cfg, host["config"])
+        if int(state.step) > steps:
+            raise ValueError(f"cannot resume: the checkpoint is at step {int(state.step)}, past steps = {steps}")
         r.state = state
         r.restore_host(host)
+    elif checkpoint_dir and ckpt.latest_step(checkpoint_dir) is not None:
+        raise ValueError(
+            f"checkpoint folder {checkpoint_dir!r} already holds another run's checkpoints (up to step "
+            f"{ckpt.latest_step(checkpoint_dir)}); continue it with --resume or choose another --out"
+        )
+    saver = ckpt.Checkpointer(checkpoint_dir) if checkpoint_dir else None
     if int(r.state.step) == 0 and not r.history["step"]:
         r.evaluate(batch_loss=None, consensus=0.0)
     bar = _progress(progress, steps, int(r.state.step), r.name)
@@ -651,8 +648,19 @@ def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool =
     return result
 
 
+def _depends_on_steps(cfg: Mapping) -> bool:
+    """Whether anything but the stopping point depends on ``steps`` (a learning-rate schedule
+    stretched over the run, or AdaComm's default interval)."""
+    kind = cfg["optimizer.schedule"]
+    return (kind in ("cosine", "warmup_cosine")
+            or (kind != "constant" and not cfg["optimizer.decay_every"])
+            or (cfg["algorithm"] == "adacomm" and cfg["adacomm_interval"] is None))
+
+
 def _check_resume(cfg: Mapping, saved: Mapping) -> None:
-    diff = [k for k in DEFAULTS if k not in ("out", "steps") and cfg.get(k) != saved.get(k)]
+    # steps may change on resume (run longer or shorter) unless a schedule is stretched over it
+    free = {"out"} if _depends_on_steps(cfg) or _depends_on_steps(saved) else {"out", "steps"}
+    diff = [k for k in DEFAULTS if k not in free and cfg.get(k) != saved.get(k)]
     if diff:
         shown = ", ".join(f"{k} = {saved.get(k)!r} in the checkpoint but {cfg.get(k)!r} now" for k in diff[:3])
         raise ValueError(f"cannot resume: the configuration differs from the checkpoint's ({shown})")
@@ -695,24 +703,10 @@ def _safe_zeta(algorithm) -> float | None:
 
 
 def prepare_out(path) -> str:
-    """Check that the folder ``path`` can be created or written, without creating it (so a run
-    that fails leaves nothing behind); :func:`write_results` creates it. Raises ValueError naming
-    the folder if not."""
-    path = os.fspath(path)
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise ValueError(f"output folder {path!r} exists and is not a folder")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ValueError(f"output folder {path!r} is not writable")
-        return path
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"cannot create output folder {path!r}: {parent!r} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot create output folder {path!r}: {parent!r} is not writable")
-    return path
+    """Check that the results folder ``path`` can be created or written, without creating it (so
+    a run that fails leaves nothing behind); :func:`write_results` creates it. Raises ValueError
+    naming the folder if not."""
+    return writable_folder(path)
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -737,7 +731,7 @@ def write_results(results: list, out: str, title: str = "") -> list[str]:
                          "history": r["history"]} for r in results]}
     paths = []
     p = os.path.join(out, "results.json")
-    _atomic_write(p, json.dumps(payload, indent=1, default=_json_default) + "\n")
+    _atomic_write(p, to_json(payload, indent=1) + "\n")
     paths.append(p)
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -761,16 +755,6 @@ def write_results(results: list, out: str, title: str = "") -> list[str]:
     histories = {r["name"]: r["history"] for r in results}
     paths += plotting.plot_run_figures(histories, out, title=title)
     return paths
-
-
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 def _human_bytes(b: float) -> str:

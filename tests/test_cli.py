@@ -141,3 +141,70 @@ def test_train_with_overrides(capsys, tmp_path):
     assert run["config"]["optimizer.lr"] == 0.05
     assert run["summary"]["comm_rounds"] == 4 and run["history"]["step"] == [0, 8, 16]
     assert "easgd" in out
+
+
+class TestReviewedEdges:
+    """Inputs a demanding user tried: each ends in one line and exit 2, and nothing is written."""
+
+    def test_output_folder_on_a_read_only_file_system_is_found_before_training(self, capsys):
+        # /proc cannot hold new files, whatever the permission bits say (and root passes os.access)
+        code, out, err = _run(capsys, "compare", "--quick", "--out", "/proc/coopsgd-test-out")
+        assert code == 2 and err.count("\n") == 1 and "cannot write output folder" in err
+        assert out == ""  # nothing trained, no table
+
+    def test_npy_renamed_and_sparse_labels(self, capsys, tmp_path):
+        npy = tmp_path / "arr.npz"
+        with open(npy, "wb") as f:
+            np.save(f, np.zeros((4, 3)))
+        code, _, err = _run(capsys, "compare", "--data", str(npy), "--out", str(tmp_path / "o"))
+        assert code == 2 and "single array" in err and err.count("\n") == 1
+        big = tmp_path / "big.npz"
+        np.savez(big, x=np.zeros((20, 3)), y=np.array([0, 1] * 9 + [1, 10**9]))
+        code, _, err = _run(capsys, "compare", "--data", str(big), "--out", str(tmp_path / "o"))
+        assert code == 2 and "got a label 1000000000" in err
+        assert not (tmp_path / "o").exists()
+
+    def test_png_paths(self, capsys, tmp_path):
+        code, _, err = _run(capsys, "topology", "ring", "-n", "4", "--draw", str(tmp_path / "g.txt"))
+        assert code == 2 and "must be a file name ending in .png" in err
+        code, _, err = _run(capsys, "topology", "ring", "-n", "4", "--draw", "/proc/g.png")
+        assert code == 2 and "cannot write --draw folder" in err
+
+    def test_steps_beyond_the_int32_step_counter(self, capsys, tmp_path):
+        code, _, err = _run(capsys, "compare", "--steps", str(2**31), "--out", str(tmp_path / "o"))
+        assert code == 2 and f"steps must be at most {2**31 - 1}" in err
+
+
+def _train(capsys, cfg, out, *extra):
+    return _run(capsys, "train", "--config", str(cfg), "--out", str(out), "--no-progress", *extra)
+
+
+class TestCheckpointSafety:
+    def test_fresh_run_refuses_a_folder_holding_another_runs_checkpoints(self, capsys, tmp_path):
+        cfg = tmp_path / "run.toml"
+        cfg.write_text('algorithm = "local_sgd"\nworkers = 2\ntau = 2\nsteps = 8\neval_every = 4\n')
+        assert _train(capsys, cfg, tmp_path / "a", "--checkpoint-every", "4")[0] == 0
+        before = (tmp_path / "a" / "results.json").read_text()
+        code, _, err = _train(capsys, cfg, tmp_path / "a", "--checkpoint-every", "4", "--set", "steps=4")
+        assert code == 2 and "already holds another run's checkpoints (up to step 8)" in err
+        assert (tmp_path / "a" / "results.json").read_text() == before  # results untouched
+        # resuming a checkpoint past the requested end is refused too
+        code, _, err = _run(capsys, "train", "--resume", str(tmp_path / "a"), "--set", "steps=4", "--no-progress")
+        assert code == 2 and "past steps = 4" in err
+
+    def test_steps_may_change_on_resume_only_if_no_schedule_stretches_over_them(self, capsys, tmp_path):
+        cfg = tmp_path / "cos.toml"
+        cfg.write_text('algorithm = "local_sgd"\nworkers = 2\ntau = 2\nsteps = 8\neval_every = 4\n'
+                       '[optimizer]\nschedule = "cosine"\n')
+        assert _train(capsys, cfg, tmp_path / "c", "--checkpoint-every", "4")[0] == 0
+        code, _, err = _run(capsys, "train", "--resume", str(tmp_path / "c"), "--set", "steps=16",
+                            "--out", str(tmp_path / "c2"), "--no-progress")
+        assert code == 2 and "steps = 8 in the checkpoint but 16 now" in err
+        assert not (tmp_path / "c2").exists()  # a refused resume leaves no folder behind
+        const = tmp_path / "const.toml"
+        const.write_text('algorithm = "local_sgd"\nworkers = 2\ntau = 2\nsteps = 8\neval_every = 4\n')
+        assert _train(capsys, const, tmp_path / "k", "--checkpoint-every", "4")[0] == 0
+        code, _, err = _run(capsys, "train", "--resume", str(tmp_path / "k"), "--set", "steps=12", "--no-progress")
+        assert code == 0, err
+        run = json.loads((tmp_path / "k" / "results.json").read_text())["runs"][0]
+        assert run["summary"]["steps"] == 12 and run["history"]["step"][-1] == 12

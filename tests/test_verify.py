@@ -247,7 +247,7 @@ class TestCLI:
             (["--algorithm", "local_sgd", "--steps", "x"], "invalid int"),
             (["--algorithm", "easgd", "--alpha", "5"], "alpha"),
             (["--algorithm", "local_sgd", "--dim", "0"], "d must be"),
-            (["--algorithm", "local_sgd", "--plot", "/nonexistent/dir/x.png"], "not writable"),
+            (["--algorithm", "local_sgd", "--plot", "/nonexistent/dir/x.png"], "does not exist"),
             (["--algorithm", "local_sgd", "--problem", "mnist"], "valid problem names: quadratic"),
         ],
     )

@@ -8,7 +8,7 @@ broken module breaks its own command and no other.
 
 from __future__ import annotations
 
-__all__ = ["COMMANDS", "CommandError"]
+__all__ = ["COMMANDS", "CommandError", "check_png_path"]
 
 COMMANDS: dict[str, str] = {
     "compare": "train several algorithms on the same data and compare loss, accuracy, communication and time",
@@ -21,3 +21,20 @@ COMMANDS: dict[str, str] = {
 
 class CommandError(Exception):
     """Bad input found by a command: the CLI prints the message on one line and exits with 2."""
+
+
+def check_png_path(option: str, path: str) -> None:
+    """A PNG output path: it must end in .png and its folder must be writable (probed, not assumed)."""
+    import os
+
+    from coopsgd.files import writable_folder
+
+    if not path.lower().endswith(".png") or os.path.isdir(path):
+        raise CommandError(f"{option} {path!r} must be a file name ending in .png")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CommandError(f"cannot write {option} {path!r}: folder {folder!r} does not exist")
+    try:
+        writable_folder(folder, f"{option} folder")
+    except ValueError as err:
+        raise CommandError(str(err)) from None

@@ -7,12 +7,11 @@ Joshi, Cooperative SGD, Assumption 4) and the spectral gap 1 − ζ; optionally 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
 from coopsgd import mixing, topology
-from coopsgd.commands import CommandError
+from coopsgd.commands import CommandError, check_png_path
 
 __all__ = ["register", "run", "summary"]
 
@@ -65,9 +64,7 @@ def run(args) -> int:
     if args.nodes < 1:
         raise CommandError(f"--nodes must be >= 1, got {args.nodes}")
     if args.draw:
-        folder = os.path.dirname(os.path.abspath(args.draw)) or "."
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise CommandError(f"cannot write the drawing {args.draw!r}: folder {folder!r} is not writable")
+        check_png_path("--draw", args.draw)
     graph, w, facts = summary(args.name, args.nodes, args.weights)
     if args.draw:
         from coopsgd.plotting import plot_topology

@@ -16,12 +16,11 @@ them, e.g. η beyond the step-size condition); 2 on bad input (one line on stder
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import warnings
 
-from coopsgd.commands import CommandError
+from coopsgd.commands import CommandError, check_png_path
+from coopsgd.files import to_json
 
 __all__ = ["register", "run", "ALGORITHMS", "PROBLEMS", "make_algorithm", "make_problem"]
 
@@ -147,9 +146,7 @@ def run(args) -> int:
     if args.heterogeneity > 0 and len(args.workers) > 1:
         raise CommandError("--heterogeneity needs a single --workers value (the optima are per worker)")
     if args.plot:
-        folder = os.path.dirname(os.path.abspath(args.plot)) or "."
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise CommandError(f"cannot write the plot {args.plot!r}: folder {folder!r} is not writable")
+        check_png_path("--plot", args.plot)
     taus = args.tau or [1]
     topologies = args.topology or [None]
     notes = []
@@ -194,7 +191,7 @@ def run(args) -> int:
         verify.plot({f"{args.algorithm} on {args.problem}": ("row", list(range(1, len(rows) + 1)), rows)},
                     args.plot)
     if args.json:
-        print(json.dumps({"rows": [r.as_dict() for r in rows], "holds": all(r.holds for r in rows),
+        print(to_json({"rows": [r.as_dict() for r in rows], "holds": all(r.holds for r in rows),
                           "violations": len(violations)}, indent=2))
     else:
         print(verify.format_table(rows))
