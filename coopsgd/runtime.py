@@ -149,11 +149,11 @@ COMPUTE_MODELS: dict[str, Callable[..., ComputeTime]] = {
 class Traffic(NamedTuple):
     """What one mixing by W communicates.
 
-    ``kind`` is ``"none"`` (W = I), ``"allreduce"`` (some column of W mixes every node, so a
-    reduction over all n nodes is needed: exact averaging, EASGD's anchor, Overlap's anchor) or
-    ``"neighbour"`` (a sparse W: each node sends its model to each neighbour). ``messages`` is the
-    number of sequential messages on the critical path, ``critical_bytes`` the bytes the busiest
-    node sends, ``total_bytes`` the bytes sent by all nodes together.
+    ``kind`` is the engine's: ``"none"`` (nothing moves), ``"all-reduce"`` (exact averaging, or
+    an anchor that gathers from every worker), ``"neighbour"`` (one shifted copy per neighbour slot)
+    or ``"dense"`` (an all-gather). ``messages`` is the number of sequential messages on the
+    critical path, ``critical_bytes`` the bytes the busiest worker sends, ``total_bytes`` the bytes
+    sent by all workers together.
     """
 
     kind: str
@@ -163,30 +163,28 @@ class Traffic(NamedTuple):
     total_bytes: float
 
 
-def mixing_traffic(W, param_bytes: float) -> Traffic:
-    """The traffic of one mixing ``X ← X W`` of models of ``param_bytes`` bytes each.
+def mixing_traffic(W, param_bytes: float, v: int = 0) -> Traffic:
+    """The traffic of one mixing ``X ← X W`` (``v`` auxiliary columns last) of models of
+    ``param_bytes`` bytes each: the engine's own account (:func:`coopsgd.communication.communication`
+    of the plan W's structure picks), so a timeline and a training run charge the same.
 
-    All-reduce is costed as the bandwidth-optimal ring all-reduce: ``2(n−1)`` messages, each node
-    sending ``2(n−1)/n`` of a model (Patarasuk & Yuan, "Bandwidth optimal all-reduce algorithms for
-    clusters of workstations", JPDC 69(2), 2009), so ``2(n−1)·P`` bytes in all. A neighbour exchange
-    costs ``max-degree`` messages from the busiest node and ``2|E|·P`` bytes in all.
+    All-reduce is costed as the bandwidth-optimal ring all-reduce: ``2(m−1)`` messages, each worker
+    sending ``2(m−1)/m`` of a model (Patarasuk & Yuan, "Bandwidth optimal all-reduce algorithms for
+    clusters of workstations", JPDC 69(2), 2009); a neighbour exchange one message of a model per
+    neighbour slot.
 
     Example:
         >>> t = mixing_traffic(np.full((4, 4), 0.25), 100.0)
         >>> t.kind, t.messages, t.critical_bytes, t.total_bytes
-        ('allreduce', 6, 150.0, 600.0)
+        ('all-reduce', 6, 150.0, 600.0)
     """
+    from coopsgd import communication
+
     w = np.asarray(W, dtype=np.float64)
-    n = len(w)
     p = _positive("param_bytes", param_bytes, allow_zero=True)
-    off = (w != 0) & ~np.eye(n, dtype=bool)
-    if n == 1 or not off.any():
-        return Traffic("none", n, 0, 0.0, 0.0)
-    if np.any((w != 0).all(axis=0)):
-        return Traffic("allreduce", n, 2 * (n - 1), 2.0 * (n - 1) / n * p, 2.0 * (n - 1) * p)
-    links = off | off.T
-    degree = links.sum(axis=0)
-    return Traffic("neighbour", n, int(degree.max()), float(degree.max()) * p, float(links.sum()) * p)
+    m = len(w) - v
+    plan = communication.plan_for_matrix(w, m, v)
+    return traffic_from(communication.communication(plan, p), m)
 
 
 def traffic_from(communication, m: int) -> Traffic:
@@ -288,7 +286,7 @@ class RuntimeModel:
             r = period.round_index(k)
             end = min(period.round_start(r + 1), steps)
             mixes = algorithm.communicates(end - 1)
-            traffic = mixing_traffic(algorithm.mixing_at(end - 1), param_bytes) if mixes else None
+            traffic = mixing_traffic(algorithm.mixing_at(end - 1), param_bytes, algorithm.v) if mixes else None
             out.append(clock.round(k, end - k, traffic, overlap=overlap, round_index=r))
             k = end
         return np.concatenate(out) if out else np.zeros(0)

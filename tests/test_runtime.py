@@ -87,8 +87,15 @@ class TestTimes:
 class TestTraffic:
     def test_allreduce_ring(self):
         t = rt.mixing_traffic(np.full((8, 8), 1 / 8), 1000.0)
-        assert t.kind == "allreduce" and t.messages == 14
+        assert t.kind == "all-reduce" and t.messages == 14
         assert t.critical_bytes == pytest.approx(2 * 7 / 8 * 1000) and t.total_bytes == 14000
+
+    def test_easgd_anchor_is_one_all_reduce_over_the_workers(self):
+        # the anchor gathers Σ x_i: one ring all-reduce among the m = 8 workers (not n = 9 nodes),
+        # the same account the engine gives for the run
+        t = rt.mixing_traffic(coopsgd.easgd(8).W, 100.0, v=1)
+        assert (t.kind, t.messages) == ("all-reduce", 14)
+        assert t.critical_bytes == pytest.approx(2 * 7 / 8 * 100) and t.total_bytes == pytest.approx(1400)
 
     def test_neighbour_ring_and_identity(self):
         w = coopsgd.dpsgd(nx.cycle_graph(8)).W
