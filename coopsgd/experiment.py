@@ -375,7 +375,8 @@ HISTORY_KEYS = ("step", "time", "loss", "batch_loss", "consensus", "test_accurac
 multiple of ``eval_every``, and at the end): ``time`` simulated seconds; ``loss`` the worker-averaged
 loss on the whole training set (at most ``EVAL_MAX`` examples of it); ``batch_loss`` and ``consensus`` the means over the block's steps of
 the mini-batch loss and of the consensus distance (1/m) Σ‖x_i − x̄‖² after each step; ``test_accuracy``
-of the average of all columns; ``tau`` the period in force."""
+of the model ``X π`` the mixing preserves (the column average for a doubly stochastic W); ``tau``
+the period in force."""
 
 
 EVAL_MAX = 8192
@@ -428,6 +429,13 @@ class _Run:
         self._x_train, self._y_train = jax.numpy.asarray(ds.x_train[keep]), jax.numpy.asarray(ds.y_train[keep])
         self._x_test, self._y_test = jax.numpy.asarray(ds.x_test), jax.numpy.asarray(ds.y_test)
         self._evaluator = _evaluator(self.model, self.algorithm.m)
+        # the model the dynamics track: X π with W π = π (the column mean for a doubly stochastic
+        # W, (1 − α) x̄ + α z for Overlap Local-SGD)
+        from coopsgd import mixing
+
+        n = self.algorithm.n
+        pi = mixing.stationary(self.algorithm.W) if self.algorithm.is_static else np.full(n, 1.0 / n)
+        self._weights = np.asarray(pi, np.float32)
 
     # -- simulated time ---------------------------------------------------------------------
     def _traffic(self, r: int):
@@ -458,8 +466,8 @@ class _Run:
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, batch_loss: float | None, consensus: float) -> None:
         step = int(self.state.step)
-        losses, acc = self._evaluator(self.trainer.columns(self.state), self._x_train, self._y_train,
-                                      self._x_test, self._y_test)
+        losses, acc = self._evaluator(self.trainer.columns(self.state), self._weights, self._x_train,
+                                      self._y_train, self._x_test, self._y_test)
         losses = np.asarray(losses)
         acc = float(acc) if len(self.ds.y_test) else float("nan")
         period = self.algorithm.period
@@ -499,8 +507,9 @@ _EVALUATORS: dict = {}
 
 
 def _evaluator(model, m: int):
-    """A jitted ``(columns, x, y, x_test, y_test) -> (each worker's training loss, test accuracy of
-    the column average)``, shared by every run of the same model and m (compiled once)."""
+    """A jitted ``(columns, weights, x, y, x_test, y_test) -> (each worker's training loss, test
+    accuracy of the model Σ_j weights_j · column_j)``, shared by every run of the same model and m
+    (compiled once)."""
     import jax
     import jax.numpy as jnp
 
@@ -510,10 +519,10 @@ def _evaluator(model, m: int):
     if key not in _EVALUATORS:
         loss = models.loss_fn(model)
 
-        def evaluate(columns, x, y, x_test, y_test):
+        def evaluate(columns, weights, x, y, x_test, y_test):
             workers = jax.tree.map(lambda a: a[:m], columns)
             losses = jax.vmap(lambda p: loss(p, {"x": x, "y": y}))(workers)
-            avg = jax.tree.map(lambda a: jnp.mean(a, axis=0), columns)
+            avg = jax.tree.map(lambda a: jnp.tensordot(weights.astype(a.dtype), a, axes=1), columns)
             if x_test.shape[0] == 0:
                 return losses, jnp.float32(jnp.nan)
             acc = jnp.mean(jnp.argmax(model.apply(avg, x_test), -1) == y_test)
@@ -567,7 +576,8 @@ def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool =
     compiled call); with an adaptive period (AdaComm) a block is one round, run step by step, after
     which the schedule observes the round's loss and simulated time. After a block that crosses a
     multiple of ``eval_every`` (and after the last) the run evaluates the worker-averaged loss on
-    the whole training set, the test accuracy of the averaged model ``u = X 1/n`` and the consensus
+    the whole training set, the test accuracy of the model ``X π`` the mixing preserves (``W π = π``:
+    the average ``X 1/n`` for a doubly stochastic W) and the consensus
     distance; checkpoints are saved likewise after blocks that cross a multiple of
     ``checkpoint_every``. Since a resumed run makes the same compiled calls on the same inputs as an
     uninterrupted one, it ends bitwise-identical on CPU.

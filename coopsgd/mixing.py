@@ -25,6 +25,7 @@ __all__ = [
     "require_connected",
     "zeta",
     "spectral_gap",
+    "stationary",
     "averaging",
     "support_graph",
 ]
@@ -216,6 +217,28 @@ def zeta(w: np.ndarray) -> float:
 def spectral_gap(w: np.ndarray) -> float:
     """Spectral gap ``1 − ζ``: the consensus rate per mixing; larger is faster."""
     return 1.0 - zeta(w)
+
+
+def stationary(w: np.ndarray) -> np.ndarray:
+    """The weights π (π ≥ 0, Σπ = 1) with ``W π = π``: the combination ``X π`` of the columns that
+    mixing leaves unchanged, which every column approaches when ζ < 1.
+
+    Uniform ``1/n`` for a doubly stochastic W; for Overlap Local-SGD's ``W_ov`` it is
+    ``(1−α)/m`` per worker and ``α`` for the anchor, so ``X π = (1−α) x̄ + α z`` (Wang, Liang &
+    Joshi, arXiv:2002.09539, §3). Raises ValueError when ζ = 1 (no unique such combination).
+
+    Example:
+        >>> stationary(np.full((3, 3), 1 / 3)).round(6).tolist()
+        [0.333333, 0.333333, 0.333333]
+    """
+    w = check(w)
+    if np.allclose(w.sum(axis=1), 1.0, atol=ATOL):
+        return np.full(len(w), 1.0 / len(w))
+    if zeta(w) >= 1.0 - 1e-12:
+        raise ValueError("W has zeta = 1: no unique combination of the columns is left unchanged")
+    eig, vec = np.linalg.eig(w)
+    pi = np.real(vec[:, np.argmin(np.abs(eig - 1.0))])
+    return pi / pi.sum()
 
 
 def averaging(n: int) -> np.ndarray:

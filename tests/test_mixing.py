@@ -189,3 +189,22 @@ class TestCheck:
         assert {frozenset(e) for e in mixing.support_graph(w).edges} == {
             frozenset((i, (i + 1) % 6)) for i in range(6)
         }
+
+
+class TestStationary:
+    def test_doubly_stochastic_is_uniform(self):
+        np.testing.assert_allclose(mixing.stationary(mixing.metropolis(nx.star_graph(4))), np.full(5, 0.2))
+
+    def test_overlap_weights_by_hand(self):
+        # W_ov π = π with π = ((1−α)/m, …, (1−α)/m, α): X π = (1 − α) x̄ + α z
+        m, alpha = 4, 0.6
+        w = np.zeros((m + 1, m + 1))
+        w[:m, :m] = (1 - alpha) * np.eye(m)
+        w[:m, m] = (1 - alpha) / m
+        w[m, :] = alpha
+        np.testing.assert_allclose(mixing.stationary(w), [0.1, 0.1, 0.1, 0.1, 0.6], atol=1e-12)
+
+    def test_no_unique_combination(self):
+        w = np.array([[1.0, 0.5, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 1.0]])  # two absorbing columns
+        with pytest.raises(ValueError, match="zeta = 1"):
+            mixing.stationary(w)
