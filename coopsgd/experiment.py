@@ -262,7 +262,7 @@ def build_algorithm(cfg: Mapping, param_bytes: float = 0.0):
     graph = None
     if name in ("dpsgd", "decentralized_periodic", "matcha"):
         if m < 2:
-            raise ValueError(f"{name} needs workers >= 2 to have a graph, got workers = {m}")
+            raise ValueError(f"{name} needs workers >= 2 to have a graph, got workers = {m} (pick other algorithms with --algorithms)")
         graph = topology.by_name(cfg["topology"], m)
     if name == "fully_sync":
         return coopsgd.fully_sync(m), False
