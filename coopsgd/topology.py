@@ -120,18 +120,24 @@ def bipartite_edge_colouring(edges) -> list[int]:
         a = next(c for c in range(len(at[left]) + 1) if c not in at[left])  # free at left
         b = next(c for c in range(len(at[right]) + 1) if c not in at[right])  # free at right
         if a in at[right]:  # free a at right: swap a <-> b along the alternating path from right
-            path, x, c = [], right, a
-            while c in at[x]:
-                y = at[x][c]
-                path.append((x, y, c))
-                x, c = y, (b if c == a else a)
-            for x, y, c in path:
-                del at[x][c], at[y][c]
-            for x, y, c in path:
-                swapped = b if c == a else a
-                at[x][swapped], at[y][swapped] = y, x
+            _swap_along_path(at, right, a, b)
         at[left][a], at[right][a] = right, left
     return [next(c for c, y in at[(0, u)].items() if y == (1, v)) for u, v in edges]
+
+
+def _swap_along_path(at: dict, start, first: int, other: int) -> None:
+    """Swap colours ``first`` ↔ ``other`` on the maximal path from ``start`` whose edges alternate
+    between them, beginning with ``first`` (``at[x][colour]`` is x's neighbour by that colour)."""
+    path, x, colour = [], start, first
+    while colour in at[x]:
+        y = at[x][colour]
+        path.append((x, y, colour))
+        x, colour = y, (other if colour == first else first)
+    for x, y, colour in path:
+        del at[x][colour], at[y][colour]
+    for x, y, colour in path:
+        swapped = other if colour == first else first
+        at[x][swapped], at[y][swapped] = y, x
 
 
 def _misra_gries(graph: nx.Graph) -> dict[tuple[int, int], int]:
@@ -171,15 +177,7 @@ def _misra_gries(graph: nx.Graph) -> dict[tuple[int, int], int]:
             fan.append(nxt)
         c, d = free(u), free(fan[-1])
         # Invert the cd-path that starts at u (its first edge has colour d, since c is free on u).
-        path, x, want = [], u, d
-        while want in at[x]:
-            y = at[x][want]
-            path.append((x, y, want))
-            x, want = y, (c if want == d else d)
-        for x, y, _ in path:
-            set_colour(x, y, None)
-        for x, y, col in path:
-            set_colour(x, y, c if col == d else d)
+        _swap_along_path(at, u, d, c)
         # The longest prefix of the fan that is still a fan and ends on a node where d is free.
         end = None
         for i, w in enumerate(fan):
