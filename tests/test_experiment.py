@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from coopsgd import data, experiment as ex
+from coopsgd import data, models, experiment as ex
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,22 @@ class TestRuns:
         cols = res.trainer.columns(res.state)
         for leaf in jax.tree.leaves(cols):
             np.testing.assert_allclose(np.asarray(leaf), np.broadcast_to(np.asarray(leaf)[0], leaf.shape), atol=1e-6)
-        assert 0.0 <= s["test_accuracy"] <= 1.0
+        first = jax.tree.map(lambda leaf: np.asarray(leaf)[0], cols)
+        assert s["test_accuracy"] == pytest.approx(
+            models.accuracy(res.model, first, digits.x_test, digits.y_test), abs=1e-6)  # < one example
+
+    def test_overlap_is_evaluated_at_the_preserved_combination(self, digits):
+        # Overlap Local-SGD: the model the mixing preserves is (1 − α) x̄ + α z (math.md §6)
+        alpha = 0.5
+        # 30 steps with tau = 4 end two local steps after a sync, where z differs from the workers' x̄
+        cfg = ex.make_config(SMALL, {"algorithm": "overlap_local_sgd", "tau": 4, "mixing_alpha": alpha,
+                                     "steps": 30, "optimizer.lr": 0.5})
+        res = ex.run(cfg, dataset=digits)
+        cols = res.trainer.columns(res.state)
+        m = cfg["workers"]
+        y = jax.tree.map(lambda a: (1 - alpha) * np.asarray(a)[:m].mean(0) + alpha * np.asarray(a)[m], cols)
+        assert res["summary"]["test_accuracy"] == pytest.approx(
+            models.accuracy(res.model, y, digits.x_test, digits.y_test), abs=1e-6)  # < one example
 
     def test_dpsgd_bytes_by_hand(self, digits):
         cfg = ex.make_config(SMALL, {"algorithm": "dpsgd", "topology": "ring"})
