@@ -289,19 +289,3 @@ def test_docstring_examples():
     from coopsgd import adaptive
 
     assert doctest.testmod(adaptive, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
-
-
-def test_adaptive_md_worked_example_prints_what_it_says():
-    import contextlib
-    import io
-    import pathlib
-    import re
-
-    text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "adaptive.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```\n\nprints\n\n```\n(.*?)```", text, re.S)
-    assert blocks, "docs/adaptive.md lost its worked example"
-    for code, expected in blocks:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            exec(compile(code, "docs/adaptive.md", "exec"), {"__name__": "docs_example"})
-        assert out.getvalue() == expected

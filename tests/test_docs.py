@@ -20,14 +20,15 @@ def test_docstring_examples(module):
     assert result.failed == 0
 
 
-def test_algorithms_md_worked_example_prints_what_it_says():
-    text = (DOCS / "algorithms.md").read_text()
+@pytest.mark.parametrize("page", ["algorithms.md", "adaptive.md"])
+def test_worked_examples_print_what_the_page_says(page):
+    text = (DOCS / page).read_text()
     blocks = re.findall(r"```python\n(.*?)```\n\nprints\n\n```\n(.*?)```", text, re.S)
-    assert blocks, "docs/algorithms.md lost its worked example"
+    assert blocks, f"docs/{page} lost its worked example"
     for code, expected in blocks:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            exec(compile(code, "docs/algorithms.md", "exec"), {"__name__": "docs_example"})
+            exec(compile(code, f"docs/{page}", "exec"), {"__name__": "docs_example"})
         assert out.getvalue() == expected
 
 
