@@ -262,12 +262,10 @@ class ShardMap(Backend):
             if all(x.is_fully_addressable for x in jax.tree.leaves(params)):
                 return params
             return jax.jit(lambda p: p, out_shardings=self.replicated)(params)
-        d, ml, m, v = self.num_devices, self.m_local, self.m, self.v
+        width = self.m_local + self.v
 
-        def gather(x):
-            blocks = x.reshape((d, ml + v) + x.shape[1:])
-            work = blocks[:, :ml].reshape((m,) + x.shape[1:])
-            return jnp.concatenate([work, blocks[0, ml:]], axis=0)
+        def gather(x):  # the flat (D·(m/D + v), …) layout, back to the n columns
+            return self.from_blocks(x.reshape((self.num_devices, width) + x.shape[1:]))
 
         return jax.jit(lambda p: jax.tree.map(gather, p), out_shardings=self.replicated)(params)
 
