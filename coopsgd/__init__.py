@@ -3,56 +3,89 @@
 Every local-update SGD algorithm — fully synchronous SGD, local SGD, EASGD, D-PSGD, decentralized
 periodic averaging, Overlap Local-SGD, time-varying topologies — is one value A(τ, W, v), run by
 one update ``X ← (X + U) W_k`` (Wang & Joshi, "Cooperative SGD", arXiv:1808.07576).
+
+The package is layered (``docs/architecture.md``): :mod:`coopsgd.core` (graphs, W as an operator,
+spectral tools, schedules, the Algorithm value), :mod:`coopsgd.algorithms` (the named families),
+:mod:`coopsgd.parallel` (plans, mixers, backends, the trainer), :mod:`coopsgd.analysis` (bounds
+and their verification), :mod:`coopsgd.sim` (the runtime model) and :mod:`coopsgd.app` (the
+command line and what it needs). This module only re-exports the public API.
 """
 
-from coopsgd import mixing, schedules, topology
-from coopsgd.algorithms import (
-    Algorithm,
-    decentralized_periodic,
-    dpsgd,
-    easgd,
-    fully_sync,
-    local_sgd,
-    overlap_local_sgd,
-)
+from coopsgd import algorithms, analysis, core, parallel, sim
+from coopsgd.algorithms.adaptive import ADPSGD, AdaComm, adacomm, adacomm_period, adpsgd
+from coopsgd.algorithms.averaging import fully_sync, local_sgd
+from coopsgd.algorithms.decentralized import decentralized_periodic, dpsgd
+from coopsgd.algorithms.easgd import easgd
+from coopsgd.algorithms.matcha import MatchaSchedule, matcha
+from coopsgd.algorithms.outer import local_sgd_global_momentum
+from coopsgd.algorithms.overlap import overlap_local_sgd, overlap_local_sgd_momentum
+from coopsgd.core import mixing, schedules, topology
+from coopsgd.core.algorithm import Algorithm
+from coopsgd.core.communication import Communication
+from coopsgd.core.operator import MixingMatrix, as_operator
+from coopsgd.core.spectral import spectral_gap, stationary, zeta
+from coopsgd.parallel.collectives import WorkerAxis
+from coopsgd.parallel.linear import linear, mix
+from coopsgd.parallel.plan import mixing_traffic, tree_bytes
+from coopsgd.parallel.protocol import Mixer, MixerState, MixRound, OptimizerSync
+from coopsgd.parallel.state import EngineState, NonFiniteError, PeriodState, StepMetrics
+from coopsgd.parallel.trainer import CooperativeSGD, Hook, RoundEnd, Stop
+from coopsgd.analysis.theory import bound_for, cooperative_bound
+from coopsgd.analysis.verify import check_bound
+from coopsgd.analysis.exact import exact_expected_error
 
-from coopsgd.matcha import MatchaSchedule, matcha  # rebinds coopsgd.matcha to the function
-
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "MatchaSchedule",
-    "matcha",
+    "ADPSGD",
+    "AdaComm",
     "Algorithm",
+    "Communication",
+    "CooperativeSGD",
+    "EngineState",
+    "Hook",
+    "MatchaSchedule",
+    "MixRound",
+    "Mixer",
+    "MixerState",
+    "MixingMatrix",
+    "NonFiniteError",
+    "OptimizerSync",
+    "PeriodState",
+    "RoundEnd",
+    "StepMetrics",
+    "Stop",
+    "WorkerAxis",
+    "adacomm",
+    "adacomm_period",
+    "adpsgd",
+    "algorithms",
+    "analysis",
+    "as_operator",
+    "bound_for",
+    "check_bound",
+    "cooperative_bound",
+    "core",
     "decentralized_periodic",
     "dpsgd",
     "easgd",
+    "exact_expected_error",
     "fully_sync",
+    "linear",
     "local_sgd",
+    "local_sgd_global_momentum",
+    "matcha",
+    "mix",
     "mixing",
+    "mixing_traffic",
     "overlap_local_sgd",
+    "overlap_local_sgd_momentum",
+    "parallel",
     "schedules",
+    "sim",
+    "spectral_gap",
+    "stationary",
     "topology",
+    "tree_bytes",
+    "zeta",
 ]
-
-# The engine (issue 3): the one update, its state and metrics, the layouts of the worker axis.
-from coopsgd import backends, communication  # noqa: E402
-from coopsgd.communication import mix  # noqa: E402
-from coopsgd.engine import CooperativeSGD, EngineState, NonFiniteError, StepMetrics  # noqa: E402
-
-__all__ += ["CooperativeSGD", "EngineState", "NonFiniteError", "StepMetrics", "backends",
-            "communication", "mix"]
-
-# Adaptive and overlapping algorithms (issue 5): adaptive periods, outer updates at syncs, batch sizes.
-from coopsgd import adaptive, batching, outer  # noqa: E402
-from coopsgd.outer import local_sgd_global_momentum, overlap_local_sgd_momentum  # noqa: E402
-
-__all__ += ["adaptive", "batching", "outer", "local_sgd_global_momentum", "overlap_local_sgd_momentum"]
-
-# Theory and its numerical verification (issue 4): bounds, problems with known constants, the harness.
-from coopsgd import problems, theory, verify  # noqa: E402
-from coopsgd.theory import bound_for, cooperative_bound  # noqa: E402
-from coopsgd.verify import check_bound, exact_expected_error  # noqa: E402
-
-__all__ += ["problems", "theory", "verify", "bound_for", "cooperative_bound", "check_bound",
-            "exact_expected_error"]

@@ -1,0 +1,23 @@
+"""The named algorithms of the literature, one module per family, each built as A(τ, W, v) (or a
+schedule of W and τ) on :mod:`coopsgd.core`.
+
+=================================== ==========================================================
+module                              family
+=================================== ==========================================================
+:mod:`~coopsgd.algorithms.averaging` fully synchronous SGD, local SGD
+:mod:`~coopsgd.algorithms.easgd`     elastic averaging SGD
+:mod:`~coopsgd.algorithms.decentralized` D-PSGD, decentralized periodic averaging
+:mod:`~coopsgd.algorithms.overlap`   Overlap Local-SGD and Overlap-M
+:mod:`~coopsgd.algorithms.outer`     global (outer) momentum: SlowMo, DiLoCo's outer step
+:mod:`~coopsgd.algorithms.matcha`    MATCHA's random matchings
+:mod:`~coopsgd.algorithms.adaptive`  AdaComm and ADPSGD periods
+:mod:`~coopsgd.algorithms.batching`  adaptive batch-size tests
+=================================== ==========================================================
+
+The constructors are re-exported at the top level (``coopsgd.local_sgd``, ``coopsgd.matcha``, …);
+this package exports its modules only, so no function shadows the module of the same name.
+"""
+
+from coopsgd.algorithms import adaptive, averaging, batching, decentralized, easgd, matcha, outer, overlap
+
+__all__ = ["adaptive", "averaging", "batching", "decentralized", "easgd", "matcha", "outer", "overlap"]

@@ -1,0 +1,3 @@
+"""The application: configuration, the one algorithm registry, experiments, bundled data, models,
+checkpoints, result files, plots and the ``coopsgd`` command line. Imported on demand (it pulls in
+Flax, orbax and matplotlib); nothing below it imports it."""

@@ -1,0 +1,281 @@
+"""Run configurations: every key with its default, validation, TOML files and ``--set`` overrides,
+and the optimizer, learning-rate schedule and runtime model a configuration describes.
+
+A configuration is a flat mapping of dotted keys (``"optimizer.lr"``), read from TOML tables and
+``--set key=value`` overrides; :data:`DEFAULTS` lists every key. The algorithm names come from
+:mod:`coopsgd.app.registry`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from coopsgd.app import registry
+from coopsgd.core import mixing, schedules, topology
+from coopsgd.core.validate import INT32_MAX
+from coopsgd.parallel.backends import BACKENDS
+
+__all__ = [
+    "DEFAULTS",
+    "flatten",
+    "parse_override",
+    "make_config",
+    "load_toml",
+    "build_lr_schedule",
+    "build_optimizer",
+    "build_runtime",
+    "expected_delay",
+    "depends_on_steps",
+]
+
+DEFAULTS: dict[str, object] = {
+    "algorithm": "local_sgd",
+    "workers": 8,
+    "tau": 8,
+    "topology": "ring",
+    "weights": "metropolis",
+    "mixing_alpha": None,  # EASGD's alpha (default 2/(m+2)), Overlap Local-SGD's alpha (default 0.5)
+    "budget": 0.5,  # MATCHA's communication budget C_b
+    "adacomm_tau0": None,  # default: 2 * tau
+    "adacomm_interval": None,  # simulated seconds; default: a tenth of the estimated run time
+    "steps": 400,
+    "batch_size": 16,
+    "backend": "simulate",
+    "seed": 0,
+    "model": "mlp",
+    "data": "digits",
+    "split": "iid",
+    "dirichlet_alpha": 0.5,
+    "test_fraction": 0.2,
+    "eval_every": 16,
+    "out": "runs/train",
+    "optimizer.name": "sgd",
+    "optimizer.lr": 0.1,
+    "optimizer.momentum": 0.9,
+    "optimizer.schedule": "constant",
+    "optimizer.warmup_steps": 0,
+    "optimizer.decay_factor": 0.1,
+    "optimizer.decay_every": 0,
+    "runtime.compute": "shifted_exponential",
+    "runtime.compute_time": 0.01,
+    "runtime.compute_extra": 0.0025,
+    "runtime.straggler_prob": 0.0,
+    "runtime.straggler_slowdown": 5.0,
+    "runtime.comm": "network",
+    "runtime.comm_time": 0.02,
+    "runtime.latency": 0.001,
+    "runtime.bandwidth": 2.0e6,
+}
+"""Every configuration key with its default. Units: simulated seconds, bytes per second."""
+
+_CHOICES = {
+    "backend": BACKENDS,
+    "split": ("iid", "dirichlet"),
+    "model": ("mlp", "cnn"),
+    "optimizer.name": ("sgd", "momentum", "nesterov", "adam"),
+    "optimizer.schedule": ("constant", "cosine", "step", "warmup_cosine"),
+    "runtime.compute": ("constant", "exponential", "shifted_exponential"),
+    "runtime.comm": ("network", "constant", "random"),
+}
+_INTS = {"workers": 1, "steps": 1, "batch_size": 1, "seed": 0, "eval_every": 1,
+         "optimizer.warmup_steps": 0, "optimizer.decay_every": 0, "adacomm_tau0": 1}
+_POSITIVE = {"optimizer.lr", "dirichlet_alpha", "runtime.compute_time", "runtime.straggler_slowdown",
+             "runtime.bandwidth", "adacomm_interval", "budget"}
+_NONNEG = {"runtime.compute_extra", "runtime.comm_time", "runtime.latency", "optimizer.momentum",
+           "runtime.straggler_prob", "optimizer.decay_factor"}
+_STRINGS = {"algorithm", "topology", "weights", "data", "out"}
+
+
+def flatten(table: Mapping, prefix: str = "") -> dict[str, object]:
+    """Nested TOML tables → dotted keys: ``{"optimizer": {"lr": 0.1}}`` → ``{"optimizer.lr": 0.1}``."""
+    out: dict[str, object] = {}
+    for key, value in table.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, full + "."))
+        else:
+            out[full] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``"key=value"`` → ``(key, value)``; the value is read as a TOML value (``0.1``, ``true``,
+    ``"x"``, ``[1, 2]``) and otherwise kept as a bare string (``ring``)."""
+    if "=" not in text:
+        raise ValueError(f"--set expects key=value, got {text!r}")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    if not key:
+        raise ValueError(f"--set expects key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def load_toml(path) -> dict[str, object]:
+    """Read a TOML file into dotted keys (not yet validated)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist")
+    try:
+        with open(path, "rb") as f:
+            return flatten(tomllib.load(f))
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"config file {path!r} is not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path!r} is not valid TOML: {err}") from None
+
+
+def _check_tau(value):
+    """τ: an integer >= 1, or piecewise ``[[start_step, tau], ...]`` starting at step 0."""
+    if isinstance(value, list):
+        try:
+            pairs = [tuple(p) for p in value]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError("each entry must be [start_step, tau]")
+            schedules.piecewise(pairs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"tau as a schedule must be [[0, tau0], [start, tau], ...]: {err}") from None
+        return [[int(a), int(b)] for a, b in pairs]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"tau must be an integer >= 1 or a list [[0, tau0], [start, tau], ...], got {value!r}")
+    return int(value)
+
+
+def _check_value(key: str, value):
+    if key == "tau":
+        return _check_tau(value)
+    if key in _INTS:
+        if value is None and key == "adacomm_tau0":
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < _INTS[key]:
+            raise ValueError(f"{key} must be an integer >= {_INTS[key]}, got {value!r}")
+        if value > INT32_MAX:  # the engine's step counter is int32
+            raise ValueError(f"{key} must be at most {INT32_MAX}, got {value!r}")
+        return int(value)
+    if key in _POSITIVE or key in _NONNEG or key == "mixing_alpha" or key == "test_fraction":
+        if value is None and key in ("mixing_alpha", "adacomm_interval"):
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+        value = float(value)
+        if key in _POSITIVE and value <= 0:
+            raise ValueError(f"{key} must be > 0, got {value!r}")
+        if key in _NONNEG and value < 0:
+            raise ValueError(f"{key} must be >= 0, got {value!r}")
+        if key == "test_fraction" and not 0.0 <= value < 1.0:
+            raise ValueError(f"test_fraction must lie in [0, 1), got {value!r}")
+        return value
+    if key in _CHOICES:
+        if value not in _CHOICES[key]:
+            raise ValueError(f"unknown {key} {value!r}; valid: {', '.join(_CHOICES[key])}")
+        return value
+    if key in _STRINGS:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{key} must be a non-empty string, got {value!r}")
+        return value
+    raise AssertionError(key)  # pragma: no cover
+
+
+def make_config(*layers: Mapping) -> dict[str, object]:
+    """Defaults overlaid by each layer of dotted keys in turn, every value validated.
+
+    Raises:
+        ValueError: an unknown key (listing the valid ones), a value of the wrong type or range, or
+            an unknown algorithm / topology / weight rule name (listing the valid names).
+    """
+    cfg = dict(DEFAULTS)
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in DEFAULTS:
+                raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(DEFAULTS)}")
+            cfg[key] = value
+    for key in DEFAULTS:
+        cfg[key] = _check_value(key, cfg[key])
+    registry.get(cfg["algorithm"])
+    if cfg["topology"] not in topology.TOPOLOGIES:
+        raise ValueError(f"unknown topology {cfg['topology']!r}; valid names: {', '.join(topology.TOPOLOGIES)}")
+    rules = mixing.weight_rule_names()
+    if cfg["weights"] not in rules:
+        raise ValueError(f"unknown weight rule {cfg['weights']!r}; valid rules: {', '.join(rules)}")
+    return cfg
+
+
+# --------------------------------------------------------------------------------- builders
+
+
+def expected_delay(cfg: Mapping, traffic) -> float:
+    """The mean time of one mixing that sends ``traffic`` under the configured network."""
+    if cfg["runtime.comm"] == "network":
+        return traffic.messages * cfg["runtime.latency"] + traffic.bytes_per_worker / cfg["runtime.bandwidth"]
+    return cfg["runtime.comm_time"]
+
+
+def build_lr_schedule(cfg: Mapping) -> Callable[[int], float]:
+    """The learning-rate schedule ``step -> η`` (an optax schedule)."""
+    import optax
+
+    lr, steps, kind = cfg["optimizer.lr"], cfg["steps"], cfg["optimizer.schedule"]
+    warm = cfg["optimizer.warmup_steps"]
+    if kind == "constant":
+        return optax.constant_schedule(lr)
+    if kind == "cosine":
+        return optax.cosine_decay_schedule(lr, max(steps, 1))
+    if kind == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warm, 1), max(steps, warm + 1))
+    every = cfg["optimizer.decay_every"] or max(steps // 3, 1)
+    return optax.exponential_decay(lr, every, cfg["optimizer.decay_factor"], staircase=True)
+
+
+def build_optimizer(cfg: Mapping):
+    """The per-worker optax optimizer."""
+    import optax
+
+    sched = build_lr_schedule(cfg)
+    name = cfg["optimizer.name"]
+    if name == "sgd":
+        return optax.sgd(sched)
+    if name == "momentum":
+        return optax.sgd(sched, momentum=cfg["optimizer.momentum"])
+    if name == "nesterov":
+        return optax.sgd(sched, momentum=cfg["optimizer.momentum"], nesterov=True)
+    return optax.adam(sched)
+
+
+def build_runtime(cfg: Mapping):
+    """The :class:`coopsgd.runtime.RuntimeModel` of the configuration (seeded by ``seed``)."""
+    from coopsgd.sim import runtime as rt
+
+    t = cfg["runtime.compute_time"]
+    kind = cfg["runtime.compute"]
+    if kind == "constant":
+        compute = rt.constant(t)
+    elif kind == "exponential":
+        compute = rt.exponential(t)
+    else:
+        compute = rt.shifted_exponential(t, cfg["runtime.compute_extra"])
+    if cfg["runtime.straggler_prob"] > 0:
+        compute = rt.with_stragglers(compute, cfg["runtime.straggler_prob"], cfg["runtime.straggler_slowdown"])
+    comm = cfg["runtime.comm"]
+    if comm == "network":
+        delay = rt.network(cfg["runtime.latency"], cfg["runtime.bandwidth"])
+    elif comm == "constant":
+        delay = rt.constant_delay(cfg["runtime.comm_time"])
+    else:
+        delay = rt.random_delay(cfg["runtime.comm_time"]) if cfg["runtime.comm_time"] > 0 else rt.constant_delay(0.0)
+    return rt.RuntimeModel(compute, delay, seed=cfg["seed"])
+
+
+def depends_on_steps(cfg: Mapping) -> bool:
+    """Whether anything but the stopping point depends on ``steps`` (a learning-rate schedule
+    stretched over the run, or AdaComm's default interval)."""
+    kind = cfg["optimizer.schedule"]
+    return (kind in ("cosine", "warmup_cosine")
+            or (kind != "constant" and not cfg["optimizer.decay_every"])
+            or (cfg["algorithm"] == "adacomm" and cfg["adacomm_interval"] is None))

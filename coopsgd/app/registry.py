@@ -1,0 +1,208 @@
+"""The one registry of named algorithms: every name ``compare``, ``train``, ``verify`` and the docs
+know, each registered once with its factory, the configuration keys it reads (with defaults),
+whether it needs a graph, how its period is set, and whether its communication overlaps
+computation.
+
+Adding an algorithm to the command line is one :func:`register` call::
+
+    register(Entry("my_algo", "one line for the tables", factory, keys={"tau": None}))
+
+where ``factory(ctx)`` builds the :class:`~coopsgd.core.algorithm.Algorithm` from a
+:class:`Context` (the validated configuration, the graph for graph algorithms, the model's size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Literal, NamedTuple
+
+import networkx as nx
+
+__all__ = ["Entry", "Context", "REGISTRY", "register", "names", "get", "build", "markdown_table"]
+
+Period = Literal["one", "tau", "adaptive"]
+"""How an algorithm's period is set: fixed to 1, the ``tau`` key, or decided at run time."""
+
+
+class Context(NamedTuple):
+    """What a factory gets: the validated configuration, the topology's graph (graph algorithms
+    only; else None) and the bytes of one model (for rules that cost communication)."""
+
+    cfg: Mapping
+    graph: nx.Graph | None
+    param_bytes: float
+
+
+class Entry(NamedTuple):
+    """One named algorithm.
+
+    Attributes:
+        name: the name on the command line and in tables.
+        summary: one line for ``--help`` and the docs' table.
+        factory: ``factory(ctx: Context) -> Algorithm``.
+        keys: the configuration keys the factory reads beyond ``workers``, with the default it
+            uses when the key is unset (None: the key's own default in ``config.DEFAULTS``).
+        graph: whether it runs on the ``topology`` key's graph (needs m ≥ 2).
+        period: :data:`Period`.
+        overlap: whether its communication runs behind computation in the runtime model.
+        theory: whether ``coopsgd verify`` can run it beside a bound.
+    """
+
+    name: str
+    summary: str
+    factory: Callable[[Context], object]
+    keys: Mapping[str, object] = {}
+    graph: bool = False
+    period: Period = "tau"
+    overlap: bool = False
+    theory: bool = True
+
+
+REGISTRY: dict[str, Entry] = {}
+"""Name → :class:`Entry`, in registration order (the order of ``compare``'s table)."""
+
+
+def register(entry: Entry) -> Entry:
+    """Add ``entry`` (its name must be new)."""
+    if entry.name in REGISTRY:
+        raise ValueError(f"algorithm {entry.name!r} is already registered")
+    REGISTRY[entry.name] = entry
+    return entry
+
+
+def names(*, theory: bool | None = None) -> list[str]:
+    """Registered names (those ``verify`` can run, with ``theory=True``)."""
+    return [n for n, e in REGISTRY.items() if theory is None or e.theory == theory]
+
+
+def get(name: str) -> Entry:
+    """The entry called ``name``; ValueError listing the valid names otherwise."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown algorithm {name!r}; valid algorithms: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def build(cfg: Mapping, param_bytes: float = 0.0):
+    """``(Algorithm, entry)`` for the configuration's ``algorithm``.
+
+    Raises:
+        ValueError: an unknown name, a graph algorithm with fewer than 2 workers, or a τ schedule
+            for an algorithm whose period is not the ``tau`` key.
+    """
+    from coopsgd.core import topology
+
+    entry = get(cfg["algorithm"])
+    if isinstance(cfg.get("tau"), list) and entry.period != "tau":
+        raise ValueError(f"a tau schedule does not apply to {entry.name} (its period is fixed or adaptive)")
+    graph = None
+    if entry.graph:
+        m = cfg["workers"]
+        if m < 2:
+            raise ValueError(f"{entry.name} needs workers >= 2 to have a graph, got workers = {m} "
+                             "(pick other algorithms with --algorithms)")
+        graph = topology.by_name(cfg["topology"], m)
+    resolved = dict(cfg)
+    for key, default in entry.keys.items():
+        if resolved.get(key) is None and default is not None:
+            resolved[key] = default
+    return entry.factory(Context(resolved, graph, float(param_bytes))), entry
+
+
+def markdown_table() -> str:
+    """The registry as the Markdown table of ``docs/algorithms.md`` (name, what it is, keys)."""
+    lines = ["| name | algorithm | graph | period | keys (default) |", "|---|---|---|---|---|"]
+    for e in REGISTRY.values():
+        keys = ", ".join(f"`{k}`" + (f" ({v})" if v is not None else "") for k, v in e.keys.items()) or "—"
+        period = {"one": "τ = 1", "tau": "`tau`", "adaptive": "adaptive"}[e.period]
+        lines.append(f"| `{e.name}` | {e.summary} | {'yes' if e.graph else 'no'} | {period} | {keys} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ the algorithms
+
+
+def _tau(ctx: Context):
+    from coopsgd.core import schedules
+
+    tau = ctx.cfg["tau"]
+    return schedules.piecewise([tuple(p) for p in tau]) if isinstance(tau, list) else tau
+
+
+def _fully_sync(ctx):
+    from coopsgd.algorithms.averaging import fully_sync
+
+    return fully_sync(ctx.cfg["workers"])
+
+
+def _local_sgd(ctx):
+    from coopsgd.algorithms.averaging import local_sgd
+
+    return local_sgd(ctx.cfg["workers"], _tau(ctx))
+
+
+def _easgd(ctx):
+    from coopsgd.algorithms.easgd import easgd
+
+    return easgd(ctx.cfg["workers"], _tau(ctx), ctx.cfg["mixing_alpha"])
+
+
+def _dpsgd(ctx):
+    from coopsgd.algorithms.decentralized import dpsgd
+
+    return dpsgd(ctx.graph, ctx.cfg["weights"])
+
+
+def _decentralized_periodic(ctx):
+    from coopsgd.algorithms.decentralized import decentralized_periodic
+
+    return decentralized_periodic(ctx.graph, _tau(ctx), ctx.cfg["weights"])
+
+
+def _overlap(ctx):
+    from coopsgd.algorithms.overlap import overlap_local_sgd
+
+    return overlap_local_sgd(ctx.cfg["workers"], _tau(ctx), ctx.cfg["mixing_alpha"])
+
+
+def _matcha(ctx):
+    from coopsgd.algorithms.matcha import matcha
+
+    return matcha(ctx.graph, ctx.cfg["budget"], seed=ctx.cfg["seed"])
+
+
+def _adacomm(ctx):
+    from coopsgd.algorithms.adaptive import adacomm
+    from coopsgd.app import config
+    from coopsgd.core.algorithm import Algorithm
+    from coopsgd.core.operator import averaging
+    from coopsgd.parallel.plan import mixing_traffic
+
+    cfg, m = ctx.cfg, ctx.cfg["workers"]
+    tau0 = cfg["adacomm_tau0"] or 2 * cfg["tau"]
+    interval = cfg["adacomm_interval"]
+    if interval is None:  # a tenth of the run's expected simulated time
+        mean = config.build_runtime(cfg).compute.mean or cfg["runtime.compute_time"]
+        d = config.expected_delay(cfg, mixing_traffic(averaging(m), ctx.param_bytes))
+        interval = cfg["steps"] * (mean + d / tau0) / 10.0
+    schedule = adacomm(tau0, interval, lr_schedule=config.build_lr_schedule(cfg))
+    return Algorithm(averaging(m), tau=schedule, name="adacomm")
+
+
+for _entry in (
+    Entry("fully_sync", "fully synchronous SGD (tau = 1, W = J)", _fully_sync, period="one"),
+    Entry("local_sgd", "local SGD / periodic averaging (tau steps, then W = J)", _local_sgd, {"tau": None}),
+    Entry("easgd", "elastic averaging SGD with an anchor (v = 1), tau local steps", _easgd,
+          {"tau": None, "mixing_alpha": None}),
+    Entry("dpsgd", "D-PSGD: neighbour averaging on the topology after every step", _dpsgd,
+          {"topology": None, "weights": None}, graph=True, period="one"),
+    Entry("decentralized_periodic", "tau local steps, then one neighbour averaging", _decentralized_periodic,
+          {"tau": None, "topology": None, "weights": None}, graph=True),
+    Entry("overlap_local_sgd", "Overlap Local-SGD: anchor pull-back, communication hidden behind compute",
+          _overlap, {"tau": None, "mixing_alpha": 0.5}, overlap=True),
+    Entry("matcha", "MATCHA: random matchings of the topology under a communication budget", _matcha,
+          {"topology": None, "budget": None, "seed": None}, graph=True, period="one"),
+    Entry("adacomm", "AdaComm: local SGD whose tau shrinks with the training loss (wall-clock intervals)",
+          _adacomm, {"tau": None, "adacomm_tau0": None, "adacomm_interval": None}, period="adaptive",
+          theory=False),
+):
+    register(_entry)

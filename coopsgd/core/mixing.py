@@ -1,0 +1,269 @@
+"""Mixing matrices: weight rules that turn a graph into W, and the checks every W must pass.
+
+Conventions (Wang & Joshi, Cooperative SGD, arXiv:1808.07576, §2): workers' models are the columns
+of X and one update is ``X ← (X − ηG) W``, so ``W[i, j]`` is the weight node ``j`` gives to node
+``i`` and the *columns* of W sum to 1. Every rule here builds a sparse
+:class:`~coopsgd.core.operator.MixingMatrix` in O(edges) time and memory, in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import networkx as nx
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse import csgraph
+
+from coopsgd.core import topology
+from coopsgd.core.operator import DENSE_LIMIT, MixingMatrix, as_operator, averaging
+
+__all__ = [
+    "metropolis",
+    "max_degree",
+    "best_constant",
+    "lazy",
+    "from_graph",
+    "WEIGHT_RULES",
+    "weight_rule_names",
+    "check",
+    "require_connected",
+    "component_sizes",
+    "averaging",
+    "support_graph",
+    "ATOL",
+]
+
+ATOL = 1e-8
+"""Tolerance for column sums and symmetry in :func:`check`."""
+
+
+def _edges(graph: nx.Graph) -> tuple[int, np.ndarray, np.ndarray]:
+    graph = topology.canonical(graph)
+    edges = np.array(list(graph.edges), dtype=np.int64).reshape(-1, 2)
+    return graph.number_of_nodes(), edges[:, 0], edges[:, 1]
+
+
+def _symmetric_with_self_weights(n: int, a: np.ndarray, b: np.ndarray, weight: np.ndarray) -> MixingMatrix:
+    """W with ``weight`` on both arcs of every edge {a, b} and ``W_ii = 1 − Σ_{j≠i} W_ji``.
+
+    The self-weights sum each column's edge weights in row order, as a dense column sum would."""
+    rows = np.concatenate([a, b])
+    cols = np.concatenate([b, a])
+    vals = np.concatenate([weight, weight])
+    order = np.lexsort((cols, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    diag = 1.0 - np.bincount(cols, weights=vals, minlength=n)
+    rows = np.concatenate([rows, np.arange(n)])
+    cols = np.concatenate([cols, np.arange(n)])
+    vals = np.concatenate([vals, diag])
+    return MixingMatrix.from_blocks(sp.csr_array((vals, (rows, cols)), shape=(n, n)))
+
+
+def metropolis(graph: nx.Graph) -> MixingMatrix:
+    """Metropolis–Hastings weights: ``W_ij = 1 / (1 + max(d_i, d_j))`` on edges, ``W_ii = 1 − Σ_j W_ij``.
+
+    Symmetric and doubly stochastic on any undirected graph; needs no global knowledge.
+
+    References:
+        Xiao, Boyd & Lall, "A scheme for robust distributed sensor fusion based on average
+        consensus", IPSN 2005.
+
+    Example:
+        >>> import networkx as nx
+        >>> metropolis(nx.cycle_graph(4))[0].round(3).tolist()
+        [0.333, 0.333, 0.0, 0.333]
+    """
+    n, a, b = _edges(graph)
+    deg = np.bincount(np.concatenate([a, b]), minlength=n)
+    return _symmetric_with_self_weights(n, a, b, 1.0 / (1.0 + np.maximum(deg[a], deg[b])))
+
+
+def max_degree(graph: nx.Graph) -> MixingMatrix:
+    """Max-degree weights: ``1 / (d_max + 1)`` on every edge, ``1 − d_i / (d_max + 1)`` on the diagonal.
+
+    References:
+        Xiao & Boyd, "Fast linear iterations for distributed averaging", Systems & Control
+        Letters 53, 2004, §4.2.
+    """
+    n, a, b = _edges(graph)
+    deg = np.bincount(np.concatenate([a, b]), minlength=n)
+    scale = float(deg.max(initial=0)) + 1.0
+    lap = sp.csr_array((np.concatenate([-np.ones(2 * len(a)), deg.astype(float)]),
+                        (np.concatenate([a, b, np.arange(n)]), np.concatenate([b, a, np.arange(n)]))),
+                       shape=(n, n))
+    return MixingMatrix.from_blocks(sp.identity(n, format="csr") - lap / scale)
+
+
+def _laplacian(n: int, a: np.ndarray, b: np.ndarray) -> sp.csr_array:
+    deg = np.bincount(np.concatenate([a, b]), minlength=n).astype(float)
+    return sp.csr_array((np.concatenate([-np.ones(2 * len(a)), deg]),
+                         (np.concatenate([a, b, np.arange(n)]), np.concatenate([b, a, np.arange(n)]))),
+                        shape=(n, n))
+
+
+def best_constant(graph: nx.Graph) -> MixingMatrix:
+    """Best constant edge weight: ``W = I − α* L_G`` with ``α* = 2 / (λ_1(L_G) + λ_{n−1}(L_G))``.
+
+    Minimises ζ over all constant edge weights; then ``ζ = (λ_1 − λ_{n−1}) / (λ_1 + λ_{n−1})``.
+    Entries may be negative. Needs a connected graph with at least one edge. The Laplacian's
+    extreme eigenvalues come from a dense solver up to 2048 nodes, beyond from sparse ones
+    (``scipy.sparse.linalg.eigsh`` and networkx's algebraic connectivity).
+
+    References:
+        Xiao & Boyd, "Fast linear iterations for distributed averaging", 2004, §4.1.
+    """
+    graph = require_connected(topology.canonical(graph), "best_constant weights")
+    n, a, b = _edges(graph)
+    if n == 1:
+        return MixingMatrix.from_blocks(sp.identity(1, format="csr"))
+    lap = _laplacian(n, a, b)
+    if n <= 2048:
+        eig = np.linalg.eigvalsh(lap.toarray())  # ascending: 0 = eig[0] < eig[1] <= ... <= eig[-1]
+        low, high = eig[1], eig[-1]
+    else:
+        from scipy.sparse.linalg import eigsh
+
+        high = float(eigsh(lap, k=1, which="LA", return_eigenvectors=False)[0])
+        low = float(nx.algebraic_connectivity(graph, method="tracemin_lu", tol=1e-10))
+    return MixingMatrix.from_blocks(sp.identity(n, format="csr") - (2.0 / (high + low)) * lap)
+
+
+def lazy(w) -> MixingMatrix:
+    """The lazy version ``(W + I) / 2``: same eigenvectors, eigenvalues ``(λ + 1) / 2 ≥ 0``.
+
+    Makes ``|λ_n| < 1`` on bipartite graphs, where a zero-self-weight W has ``λ_n = −1``.
+    """
+    w = check(w)
+    half = (w.wa / 2.0, w.aw / 2.0, (w.aa + np.eye(w.v)) / 2.0) if w.v else (None, None, None)
+    if w.form == "mean":
+        return MixingMatrix.mean((w.worker_diagonal() + 1.0) / 2.0, w.c / 2.0, *half)
+    ww = w.worker_block()
+    eye = sp.identity(w.m, format="csr") if w.form == "sparse" else np.eye(w.m)
+    return MixingMatrix.from_blocks((ww + eye) / 2.0, *half)
+
+
+WEIGHT_RULES: dict[str, Callable[[nx.Graph], MixingMatrix]] = {
+    "metropolis": metropolis,
+    "max_degree": max_degree,
+    "best_constant": best_constant,
+}
+"""Weight rules by name; each maps an undirected graph to a symmetric doubly stochastic W."""
+
+
+def weight_rule_names() -> list[str]:
+    """Every name :func:`from_graph` accepts: the rules and their ``lazy_`` versions."""
+    return [*WEIGHT_RULES, *(f"lazy_{r}" for r in WEIGHT_RULES)]
+
+
+def from_graph(graph: nx.Graph, weights: str | Callable[[nx.Graph], object] = "metropolis") -> MixingMatrix:
+    """W for ``graph`` under a named rule (``"metropolis"``, ``"max_degree"``, ``"best_constant"``,
+    any of them prefixed ``"lazy_"``) or a callable ``graph -> W``."""
+    if callable(weights):
+        return check(weights(topology.canonical(graph)))
+    name = weights
+    make_lazy = isinstance(name, str) and name.startswith("lazy_")
+    if make_lazy:
+        name = name[len("lazy_"):]
+    if name not in WEIGHT_RULES:
+        raise ValueError(f"unknown weight rule {weights!r}; valid rules: {', '.join(weight_rule_names())}")
+    w = WEIGHT_RULES[name](graph)
+    return lazy(w) if make_lazy else w
+
+
+def _first_nonfinite(w: MixingMatrix) -> tuple[list[int], float]:
+    if w.n <= DENSE_LIMIT:
+        dense = w.toarray()
+        idx = tuple(int(i) for i in np.argwhere(~np.isfinite(dense))[0])
+        return list(idx), float(dense[idx])
+    coo = sp.coo_array(w.tocsr())
+    k = int(np.flatnonzero(~np.isfinite(coo.data))[0])
+    return [int(coo.row[k]), int(coo.col[k])], float(coo.data[k])
+
+
+def check(w, *, n: int | None = None, symmetric: bool = False, atol: float = ATOL, name: str = "W",
+          v: int = 0) -> MixingMatrix:
+    """Validate a mixing matrix and return it as a :class:`~coopsgd.core.operator.MixingMatrix`.
+
+    Accepts a NumPy array, a ``scipy.sparse`` matrix or a MixingMatrix (the last ``v`` columns
+    auxiliary). Rules: 2-D and square (of size ``n`` if given), real and finite, every column summing
+    to 1 within ``atol`` (1ᵀW = 1ᵀ, which keeps the average of the columns moving only by
+    gradients), and, when ``symmetric=True``, ``W = Wᵀ`` within ``atol`` (so W is doubly
+    stochastic, as Theorem 1 of Wang & Joshi assumes). O(non-zeros).
+
+    Raises:
+        ValueError: naming the first rule ``W`` breaks and where.
+    """
+    w = as_operator(w, v=v, name=name)
+    if n is not None and w.n != n:
+        raise ValueError(f"{name} must be {n} x {n} (n = m + v), got {w.n} x {w.n}")
+    if not w.is_finite():
+        where, value = _first_nonfinite(w)
+        raise ValueError(f"{name} must be finite, but {name}{where} = {value}")
+    sums = w.column_sums()
+    off = np.abs(sums - 1.0)
+    if np.any(off > atol):
+        j = int(np.argmax(off))
+        raise ValueError(
+            f"columns of {name} must sum to 1 (1ᵀW = 1ᵀ), but column {j} sums to {sums[j]:.12g}"
+        )
+    if symmetric and w.asymmetry() > atol:
+        i, j = _most_asymmetric(w)
+        raise ValueError(
+            f"{name} must be symmetric, but {name}[{i}, {j}] = {w[i, j]:.12g} "
+            f"!= {name}[{j}, {i}] = {w[j, i]:.12g}"
+        )
+    return w
+
+
+def _most_asymmetric(w: MixingMatrix) -> tuple[int, int]:
+    if w.n <= DENSE_LIMIT:
+        dense = w.toarray()
+        return tuple(int(k) for k in np.unravel_index(np.argmax(np.abs(dense - dense.T)), dense.shape))
+    diff = sp.coo_array(w.tocsr() - w.tocsr().T)
+    k = int(np.argmax(np.abs(diff.data)))
+    return int(diff.row[k]), int(diff.col[k])
+
+
+def _support_csr(w: MixingMatrix) -> sp.csr_array:
+    """The symmetric off-diagonal pattern of W (an edge {i, j} where W[i, j] or W[j, i] ≠ 0)."""
+    pattern = w.tocsr()
+    pattern = (abs(pattern) + abs(pattern.T)).tocsr()
+    pattern.setdiag(0)
+    pattern.eliminate_zeros()
+    return pattern
+
+
+def support_graph(w) -> nx.Graph:
+    """The undirected graph with an edge {i, j} wherever W[i, j] or W[j, i] is non-zero (i ≠ j)."""
+    pattern = sp.coo_array(_support_csr(check(w) if not isinstance(w, MixingMatrix) else w))
+    graph = nx.Graph()
+    graph.add_nodes_from(range(pattern.shape[0]))
+    keep = pattern.row < pattern.col
+    graph.add_edges_from(zip(pattern.row[keep].tolist(), pattern.col[keep].tolist()))
+    return graph
+
+
+def component_sizes(graph_or_w) -> list[int]:
+    """Sizes of the connected components (largest first) of a graph or of W's support; O(edges)."""
+    if isinstance(graph_or_w, nx.Graph):
+        return sorted((len(c) for c in nx.connected_components(graph_or_w)), reverse=True)
+    w = graph_or_w if isinstance(graph_or_w, MixingMatrix) else check(graph_or_w)
+    if w.form == "mean" and w.c != 0:
+        return [w.n] if (w.v == 0 or np.any(w.wa) or np.any(w.aw)) else [w.m] + [1] * w.v
+    count, labels = csgraph.connected_components(_support_csr(w), directed=False)
+    return sorted(np.bincount(labels, minlength=count).tolist(), reverse=True)
+
+
+def require_connected(graph_or_w, purpose: str = "consensus"):
+    """Return ``graph_or_w`` (a graph or a W) if it is connected; otherwise raise naming the
+    components' sizes."""
+    if isinstance(graph_or_w, nx.Graph) and graph_or_w.number_of_nodes() == 0:
+        return graph_or_w
+    sizes = component_sizes(graph_or_w)
+    if len(sizes) > 1:
+        raise ValueError(
+            f"{purpose} needs a connected graph, but it has {len(sizes)} components "
+            f"of sizes {sizes}: workers in different components never agree"
+        )
+    return graph_or_w

@@ -1,0 +1,7 @@
+"""Running an algorithm: communication plans and their cost, the worker axis and its collectives,
+the mixing protocol and the linear mixer, backends (simulate / pmap / shard_map), the engine state,
+the pure round functions and the trainer."""
+
+from coopsgd.parallel import backends, batches, collectives, engine, linear, plan, protocol, state, trainer
+
+__all__ = ["backends", "batches", "collectives", "engine", "linear", "plan", "protocol", "state", "trainer"]

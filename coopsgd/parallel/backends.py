@@ -1,0 +1,314 @@
+"""Layouts of the worker axis: simulated on one device, ``jax.pmap``, or ``jax.shard_map`` on a mesh.
+
+The per-device computation (τ local steps and one mixing) is written once in
+:mod:`coopsgd.parallel.round`; a backend decides where the state lives and how the program is
+launched:
+
+- ``"simulate"``: all m workers on one device, a ``vmap`` axis; any m.
+- ``"pmap"``: ``jax.pmap`` over the D local devices, ``m/D`` workers per device; shared state
+  (the mixer's replicated part, e.g. an anchor) has a leading device axis, one identical copy each.
+- ``"shard_map"``: ``jax.shard_map`` over a ``Mesh`` with an axis ``"workers"``; arrays are global
+  ``jax.Array``s placed with ``NamedSharding`` (workers split over ``"workers"``, shared state
+  replicated); works across processes after ``jax.distributed.initialize`` (each process passes
+  the same global batch; see docs/engine.md).
+
+Device ``d`` holds workers ``d·m/D … (d+1)·m/D − 1``. :meth:`Backend.workers` returns the m
+workers (leading axis m) on every backend.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from coopsgd.parallel.collectives import AXIS, WorkerAxis
+from coopsgd.parallel.protocol import MixerState
+
+__all__ = ["BACKENDS", "BackendName", "Backend", "Simulate", "Pmap", "ShardMap", "make_backend"]
+
+BackendName = Literal["simulate", "pmap", "shard_map"]
+BACKENDS: tuple[str, ...] = ("simulate", "pmap", "shard_map")
+
+
+def _split_check(m: int, count: int, what: str) -> int:
+    if m % count:
+        lo, hi = (m // count) * count, (m // count + 1) * count
+        options = ", ".join(str(x) for x in (lo, hi) if x > 0)
+        raise ValueError(
+            f"m = {m} workers cannot be split evenly over the {count} {what}: m must be a multiple "
+            f"of {count} (e.g. m = {options}); or use backend='simulate', or fewer devices"
+        )
+    return m // count
+
+
+class Backend:
+    """Where the state lives. Subclasses set ``name``, ``num_devices`` (D) and ``axis_name``."""
+
+    name = "base"
+    num_devices = 1
+    axis_name: str | None = None
+
+    def __init__(self, m: int):
+        self.m = m
+        self.m_local = _split_check(m, self.num_devices, f"devices of backend {self.name!r}")
+
+    @property
+    def axis(self) -> WorkerAxis:
+        """The worker axis the per-device program sees."""
+        return WorkerAxis(self.m, self.axis_name, self.num_devices)
+
+    def place_workers(self, stacked):
+        """Per-worker values with leading axis m (models, optimizer and per-worker mixer state)."""
+        raise NotImplementedError
+
+    def place_shared(self, tree):
+        """Values every device holds a copy of (the mixer's shared state)."""
+        raise NotImplementedError
+
+    def place_mix_state(self, state: MixerState) -> MixerState:
+        return MixerState(self.place_workers(state.per_worker), self.place_shared(state.shared))
+
+    def place_batches(self, batches):
+        """Batches with leaves (steps, m, …)."""
+        raise NotImplementedError
+
+    def replicate(self, x):
+        return jnp.asarray(x) if not isinstance(x, jax.Array) else x
+
+    def workers(self, placed):
+        """Per-worker values back to leading axis m."""
+        raise NotImplementedError
+
+    def shared(self, placed):
+        """Shared values back to one copy."""
+        raise NotImplementedError
+
+    def compile(self, local_fn, summarize, steps: int, rounds: int):
+        """The launched program ``(params, opt, mix_state, step, rounds, key, batches, args, moves)
+        → (params, opt, mix_state, step + steps, rounds + rounds, summary)`` around the per-device
+        ``local_fn(params, opt, mix_state, step, key, batches, args, moves) → (params, opt,
+        mix_state, outs)``."""
+        raise NotImplementedError
+
+
+class Simulate(Backend):
+    """All workers on one device; the worker axis is a vmap axis. Any m."""
+
+    name = "simulate"
+
+    def place_workers(self, stacked):
+        return jax.tree.map(jnp.asarray, stacked)
+
+    def place_shared(self, tree):
+        return jax.tree.map(jnp.asarray, tree)
+
+    def place_batches(self, batches):
+        return batches
+
+    def workers(self, placed):
+        return placed
+
+    def shared(self, placed):
+        return placed
+
+    def compile(self, local_fn, summarize, steps: int, rounds: int):
+        def program(params, opt, mix_state, step, count, key, batches, args, moves):
+            params, opt, mix_state, outs = local_fn(params, opt, mix_state, step, key, batches, args, moves)
+            return params, opt, mix_state, step + steps, count + rounds, summarize(outs)
+
+        return jax.jit(program)
+
+
+def _identity(x):
+    return x
+
+
+class Pmap(Backend):
+    """``jax.pmap`` over the local devices (single process)."""
+
+    name = "pmap"
+
+    def __init__(self, m: int, devices=None):
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"backend='pmap' runs in one process, but there are {jax.process_count()} "
+                "processes; use backend='shard_map' across processes")
+        self.devices = list(devices) if devices is not None else jax.local_devices()
+        self.num_devices = len(self.devices)
+        self.axis_name = AXIS
+        super().__init__(m)
+
+    def _put(self, blocks):
+        """Put (D, …) host blocks one per device, as pmap's output would be (an identity pmap)."""
+        return jax.pmap(_identity, devices=self.devices)(blocks)
+
+    def place_workers(self, stacked):
+        d, ml = self.num_devices, self.m_local
+        return jax.tree.map(lambda x: self._put(np.asarray(x).reshape((d, ml) + np.shape(x)[1:])), stacked)
+
+    def place_shared(self, tree):
+        d = self.num_devices
+        return jax.tree.map(lambda x: self._put(np.broadcast_to(np.asarray(x), (d,) + np.shape(x))), tree)
+
+    def place_batches(self, batches):
+        d, ml = self.num_devices, self.m_local
+
+        def one(x):
+            x = x.reshape((x.shape[0], d, ml) + x.shape[2:])
+            return np.swapaxes(x, 0, 1) if isinstance(x, np.ndarray) else jnp.swapaxes(x, 0, 1)
+
+        return jax.tree.map(one, batches)
+
+    def workers(self, placed):
+        return jax.tree.map(lambda x: x.reshape((self.m,) + x.shape[2:]), placed)
+
+    def shared(self, placed):
+        return jax.tree.map(lambda x: x[0], placed)
+
+    def compile(self, local_fn, summarize, steps: int, rounds: int):
+        # The arguments travel as one tuple: jax 0.10's pmap reads a tuple ``in_axes`` as *flat*
+        # when the number of leaves happens to equal the number of arguments (e.g. an optimizer
+        # state with no leaves, like plain SGD's), which silently maps a scalar argument.
+        def packed(args):
+            return local_fn(*args)
+
+        mapped = jax.pmap(packed, axis_name=AXIS, in_axes=((0, 0, 0, None, None, 0, None, None),),
+                          out_axes=0, devices=self.devices)
+        m = self.m
+
+        @jax.jit
+        def finish(outs):
+            # (D, RL, m/D, …) → (RL, m, …); consensus is identical on every device.
+            def merge(x):
+                x = jnp.moveaxis(x, 0, 1)
+                return x.reshape((x.shape[0], m) + x.shape[3:])
+
+            outs = {"losses": merge(outs["losses"]),
+                    "aux": jax.tree.map(merge, outs["aux"]),
+                    "consensus": None if outs["consensus"] is None else outs["consensus"][0]}
+            return summarize(outs)
+
+        def program(params, opt, mix_state, step, count, key, batches, args, moves):
+            params, opt, mix_state, outs = mapped((params, opt, mix_state, step, key, batches, args, moves))
+            return params, opt, mix_state, step + steps, count + rounds, finish(outs)
+
+        return program
+
+    def mapped(self, local_fn):
+        """``local_fn`` under this backend's pmap (the same mapping as :meth:`compile`)."""
+        return jax.pmap(lambda args: local_fn(*args), axis_name=AXIS,
+                        in_axes=((0, 0, 0, None, None, 0, None, None),), devices=self.devices)
+
+
+class ShardMap(Backend):
+    """``jax.shard_map`` over a mesh with an axis ``"workers"``; also across processes."""
+
+    name = "shard_map"
+
+    def __init__(self, m: int, devices=None, mesh=None):
+        if mesh is None:
+            devices = list(devices) if devices is not None else jax.devices()
+            mesh = jax.make_mesh((len(devices),), (AXIS,), devices=devices,
+                                 axis_types=(jax.sharding.AxisType.Auto,))
+        if AXIS not in mesh.axis_names:
+            raise ValueError(f"the mesh needs an axis named {AXIS!r}, got axes {mesh.axis_names}")
+        self.mesh = mesh
+        self.num_devices = mesh.shape[AXIS]
+        self.axis_name = AXIS
+        self.sharded = NamedSharding(mesh, P(AXIS))
+        self.batch_sharding = NamedSharding(mesh, P(None, AXIS))
+        self.replicated = NamedSharding(mesh, P())
+        super().__init__(m)
+
+    def _global(self, host: np.ndarray, sharding):
+        host = np.asarray(host)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    def place_workers(self, stacked):
+        return jax.tree.map(lambda x: self._global(np.asarray(x), self.sharded), stacked)
+
+    def place_shared(self, tree):
+        return jax.tree.map(self.replicate, tree)
+
+    def place_batches(self, batches):
+        def one(x):
+            if isinstance(x, jax.Array) and x.sharding == self.batch_sharding:
+                return x
+            if isinstance(x, jax.Array) and jax.process_count() == 1:
+                return jax.device_put(x, self.batch_sharding)
+            return self._global(np.asarray(x), self.batch_sharding)
+
+        return jax.tree.map(one, batches)
+
+    def replicate(self, x):
+        if isinstance(x, jax.Array) and x.sharding == self.replicated:
+            return x
+        if jax.process_count() == 1:
+            return jax.device_put(x, self.replicated)
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.random.key_data(x))
+            impl = jax.random.key_impl(x)
+            return jax.random.wrap_key_data(self._global(data, self.replicated), impl=impl)
+        return self._global(np.asarray(x), self.replicated)
+
+    def workers(self, placed):
+        if all(x.is_fully_addressable for x in jax.tree.leaves(placed)):
+            return placed
+        return jax.jit(lambda p: p, out_shardings=self.replicated)(placed)
+
+    def shared(self, placed):
+        return placed
+
+    def compile(self, local_fn, summarize, steps: int, rounds: int):
+        mapped = self.shard_mapped(local_fn)
+        replicated = self.replicated
+
+        @jax.jit
+        def main(params, opt, mix_state, step, count, key, batches, args, moves):
+            params, opt, mix_state, outs = mapped(params, opt, mix_state, step, key, batches, args, moves)
+            return params, opt, mix_state, step + steps, count + rounds, outs
+
+        summary = jax.jit(summarize, out_shardings=replicated)
+
+        def program(*args):
+            params, opt, mix_state, step, count, outs = main(*args)
+            return params, opt, mix_state, step, count, summary(outs)
+
+        return program
+
+    def shard_mapped(self, local_fn):
+        """``local_fn`` under ``jax.shard_map``: params, optimizer state, per-worker mixer state and
+        batches split over the worker axis, everything else replicated. The mean loss is computed
+        by a separate program so that the training step's own collectives are only the mixing's."""
+        spec_out = {"losses": P(None, AXIS), "aux": P(None, AXIS), "consensus": P()}
+        mix_spec = MixerState(per_worker=P(AXIS), shared=P())
+        return jax.shard_map(
+            local_fn, mesh=self.mesh,
+            in_specs=(P(AXIS), P(AXIS), mix_spec, P(), P(), P(None, AXIS), P(), P()),
+            out_specs=(P(AXIS), P(AXIS), mix_spec, spec_out),
+            check_vma=False,
+        )
+
+
+def make_backend(name, m: int, devices=None, mesh=None) -> Backend:
+    """The backend called ``name`` (one of :data:`BACKENDS`) for m workers.
+
+    Raises:
+        ValueError: for an unknown name, or when m is not a multiple of the device count.
+    """
+    if isinstance(name, Backend):
+        if name.m != m:
+            raise ValueError(f"backend {name.name!r} was built for m = {name.m}, but the algorithm has m = {m}")
+        return name
+    if name == "simulate":
+        return Simulate(m)
+    if name == "pmap":
+        return Pmap(m, devices=devices)
+    if name == "shard_map":
+        return ShardMap(m, devices=devices, mesh=mesh)
+    raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")

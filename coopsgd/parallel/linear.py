@@ -1,0 +1,217 @@
+"""The linear mixer: ``X ← X W^(r)`` on the columns ``[x_1 … x_m, z_1 … z_v]``, with the
+communication W's structure picks (:mod:`coopsgd.parallel.plan`).
+
+The v auxiliary columns (EASGD's and Overlap Local-SGD's anchor, global momentum's buffers) are
+this mixer's shared state, replicated on every device; the workers' columns are the models. One
+mixing is ``new[j] = Σ_i W[i, j] · old[i]`` (Wang & Joshi, "Cooperative SGD", arXiv:1808.07576,
+§3).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coopsgd.core.algorithm import Algorithm
+from coopsgd.parallel import plan as _plan
+from coopsgd.parallel.collectives import WorkerAxis
+from coopsgd.parallel.protocol import Mixer, MixerState, MixRound
+
+__all__ = ["linear", "mix", "mix_local"]
+
+
+def mix(stacked, w):
+    """One mixing of stacked columns: ``new[j] = Σ_i W[i, j] · old[i]`` for every leaf.
+
+    This is the reference kernel (a dense contraction, jittable); the trainer applies the same
+    map with the communication its plan picks.
+
+    Args:
+        stacked: a pytree whose leaves have leading axis ``n``.
+        w: an ``n × n`` matrix (NumPy, JAX or a MixingMatrix).
+
+    Returns:
+        The mixed pytree, same structure, shapes and dtypes.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> mix(jnp.array([[0.0], [2.0]]), np.full((2, 2), 0.5)).tolist()
+        [[1.0], [1.0]]
+
+    References:
+        Wang & Joshi, "Cooperative SGD", arXiv:1808.07576, §3: X_{k+1} = (X_k − ηG_k) W_k.
+    """
+    w = jnp.asarray(w if isinstance(w, jax.Array) else np.asarray(w))
+    n = w.shape[0]
+    if w.ndim != 2 or w.shape != (n, n):
+        raise ValueError(f"W must be a square matrix, got shape {tuple(w.shape)}")
+
+    def one(x):
+        x = jnp.asarray(x)
+        if x.ndim == 0 or x.shape[0] != n:
+            raise ValueError(f"every leaf needs leading axis n = {n}, got shape {tuple(x.shape)}")
+        return jnp.tensordot(w.astype(x.dtype).T, x, axes=1).astype(x.dtype)
+
+    return jax.tree.map(one, stacked)
+
+
+def _bcast(coef, x):
+    """Coefficient vector (k,) against a stacked leaf (k, …)."""
+    return coef.reshape(coef.shape + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+
+def _packed(plan, workers, aux, coef, axis: WorkerAxis):
+    """On devices, exchange one buffer per worker (all leaves concatenated), not one per leaf: one
+    ppermute per slot, one all-reduce per reduction."""
+    leaves, treedef = jax.tree.flatten(workers)
+    sizes = [int(np.prod(x.shape[1:])) for x in leaves]
+    flat_w = jnp.concatenate([x.reshape(x.shape[0], -1) for x in leaves], axis=1)
+    aux_leaves = jax.tree.leaves(aux)
+    flat_a = (jnp.concatenate([z.reshape(z.shape[0], -1) for z in aux_leaves], axis=1)
+              if plan.v else jnp.zeros((0, flat_w.shape[1]), flat_w.dtype))
+    new_w, new_a = mix_local(plan, flat_w, flat_a, coef, axis)
+    cuts = np.cumsum(sizes)[:-1].tolist()
+    out_w = [p.reshape(x.shape) for p, x in zip(jnp.split(new_w, cuts, axis=1), leaves)]
+    out_a = aux
+    if plan.v:
+        out_a = jax.tree.unflatten(jax.tree.structure(aux), [
+            p.reshape(z.shape) for p, z in zip(jnp.split(new_a, cuts, axis=1), aux_leaves)])
+    return jax.tree.unflatten(treedef, out_w), out_a
+
+
+def mix_local(plan: _plan.MixPlan, workers, aux, coef, axis: WorkerAxis):
+    """Apply one planned mixing to this device's columns.
+
+    Args:
+        plan: the :class:`~coopsgd.parallel.plan.MixPlan`.
+        workers: pytree of this device's worker columns, leaves (m/D, …).
+        aux: pytree of the (replicated) auxiliary columns, leaves (v, …).
+        coef: the plan's coefficients (:func:`~coopsgd.parallel.plan.coefficients`) as arrays.
+        axis: the worker axis.
+
+    Returns:
+        ``(workers, aux)`` after ``new[j] = Σ_i W[i, j] old[i]``.
+    """
+    if plan.kind == "none":
+        return workers, aux
+    leaves = jax.tree.leaves(workers)
+    if axis.name is not None and len(leaves) > 1 and len({x.dtype for x in leaves}) == 1:
+        return _packed(plan, workers, aux, coef, axis)
+
+    def shifted(x, s):
+        shift = plan.shifts[s]
+        return axis.shift(x, shift) if shift is not None else axis.permute(x, plan.perms[s])
+
+    def mix_workers(x):
+        if plan.kind == "dense":
+            cols = axis.local(coef["dense"], axis=1)
+            return jnp.tensordot(cols.T.astype(x.dtype), axis.gather(x), axes=1)
+        if plan.kind == "mean":
+            total = coef["c"].astype(x.dtype) * axis.sum(x, keepdims=True)
+            if not plan.self_weight:  # exact averaging: every worker takes c · Σ_i x_i
+                return jnp.broadcast_to(total, x.shape)
+            return _bcast(axis.local(coef["d"]), x) * x + total
+        out = _bcast(axis.local(coef["d"]), x) * x
+        if plan.kind == "neighbour":
+            slot_coef = axis.local(coef["slots"], axis=1)
+            for s in range(len(plan.shifts)):
+                out = out + _bcast(slot_coef[s], x) * shifted(x, s)
+        return out
+
+    new_workers = jax.tree.map(mix_workers, workers)
+    if plan.v:
+        if plan.aux_to_worker:
+            aw = axis.local(coef["aw"], axis=1)  # (v, m/D)
+            new_workers = jax.tree.map(
+                lambda nw, z: nw + jnp.tensordot(aw.T.astype(z.dtype), z, axes=1), new_workers, aux)
+
+        def mix_aux(x, z):
+            out = jnp.tensordot(coef["aa"].T.astype(z.dtype), z, axes=1)
+            if plan.worker_to_aux:
+                wa = axis.local(coef["wa"], axis=0)  # (m/D, v)
+                out = out + axis.psum(jnp.tensordot(wa.T.astype(x.dtype), x, axes=1))
+            return out
+
+        aux = jax.tree.map(mix_aux, workers, aux)
+    return new_workers, aux
+
+
+class _Rounds:
+    """The host side of the linear mixer: each round's plan, coefficients and traffic, from the
+    algorithm's mixing schedule (cycles planned once; random schedules per round, cached)."""
+
+    def __init__(self, algorithm: Algorithm, prune: bool):
+        self.m, self.v = algorithm.m, algorithm.v
+        self.schedule = algorithm.mixing
+        cycle = self.schedule.cycle
+        if cycle is not None:
+            plans = [_plan.plan_for_matrix(w, self.m, self.v) for w in cycle]
+            self.cycle = tuple(MixRound(p, _plan.coefficients(p, w), p.communicates)
+                               for p, w in zip(plans, cycle))
+            self.support_plan = None
+        else:
+            self.cycle = None
+            self.support_plan = _plan.plan_for_support(self.schedule.support, self.m, self.v,
+                                                       getattr(self.schedule, "matchings", None))
+        # On devices a random schedule sends only the slots active in each round's W (one program
+        # per activation pattern); simulated, one program over the whole support keeps rounds fused.
+        self.prune = prune and self.support_plan is not None and self.support_plan.kind == "neighbour"
+        self._recent: OrderedDict = OrderedDict()
+
+    def _random(self, r: int):
+        if r not in self._recent:
+            w = self.schedule.at(r)
+            active = _plan.active_slots(self.support_plan, w)
+            plan = active if self.prune else self.support_plan
+            self._recent[r] = (w, MixRound(plan, _plan.coefficients(plan, w), active.communicates))
+            while len(self._recent) > 64:
+                self._recent.popitem(last=False)
+        return self._recent[r]
+
+    def round(self, r: int) -> MixRound:
+        if self.cycle is not None:
+            return self.cycle[r % len(self.cycle)]
+        return self._random(r)[1]
+
+    def traffic(self, r: int, param_bytes: float):
+        if self.cycle is not None:
+            return _plan.communication(self.round(r).static, param_bytes)
+        w, mix_round = self._random(r)
+        return _plan.communication(mix_round.static, param_bytes, w)
+
+
+def linear(algorithm: Algorithm, *, prune: bool = False) -> Mixer:
+    """The mixer of A(τ, W, v): ``X ← X W^(r)`` with the communication W's structure picks.
+
+    Args:
+        algorithm: the :class:`~coopsgd.core.algorithm.Algorithm`.
+        prune: send only a random schedule's active neighbour slots each round (one program per
+            activation pattern; what the device backends do).
+
+    Its state is the v auxiliary columns (``MixerState(shared=...)``, replicated); ``columns``
+    appends them to the workers, so the n columns of X are always at hand.
+    """
+    rounds = _Rounds(algorithm, prune)
+    v = algorithm.v
+
+    def init(columns) -> MixerState:
+        if not v:
+            return MixerState()
+        return MixerState(shared=jax.tree.map(
+            lambda x: jnp.broadcast_to(jnp.asarray(x[:1]), (v,) + jnp.shape(x)[1:]), columns))
+
+    def apply(columns, state: MixerState, mix_round: MixRound, axis: WorkerAxis):
+        aux = state.shared if v else jax.tree.map(lambda x: x[:0], columns)
+        new, aux = mix_local(mix_round.static, columns, aux, mix_round.args, axis)
+        return new, MixerState(shared=aux) if v else state
+
+    def columns(workers, state: MixerState):
+        if not v:
+            return workers
+        return jax.tree.map(lambda x, z: jnp.concatenate([x, z.astype(x.dtype)]), workers, state.shared)
+
+    return Mixer(init=init, apply=apply, traffic=rounds.traffic, plan=rounds.round, columns=columns,
+                 name=f"linear W of {algorithm.name}")

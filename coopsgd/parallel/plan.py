@@ -1,0 +1,356 @@
+"""How one linear mixing ``X ← X W`` moves data: the plan chosen from W's structure, its run-time
+coefficients, and its cost — the one traffic account every layer reads.
+
+W is split into four blocks — workers → workers ``W_ww`` (m × m), workers → auxiliary ``W_wa``
+(m × v), auxiliary → workers ``W_aw`` (v × m), auxiliary → auxiliary ``W_aa`` — and the worker block
+picks the communication (Wang & Joshi, "Cooperative SGD", arXiv:1808.07576, §3; design.md, "The
+structure of W picks the communication"):
+
+============= ================================================== ==============================
+kind          W_ww                                               on devices
+============= ================================================== ==============================
+``none``      W = I (nothing moves)                              nothing
+``diag``      diagonal                                           nothing (local scaling)
+``mean``      ``diag(d) + c·11ᵀ`` (J_m is ``d = 0, c = 1/m``)    one ``psum`` (all-reduce)
+``neighbour`` sparse: ``diag(d) + Σ_s diag(c_s) P_s``            one ``ppermute`` per slot
+``dense``     anything else                                      ``all_gather`` + contraction
+============= ================================================== ==============================
+
+A non-zero ``W_wa`` (EASGD's anchor, Overlap Local-SGD's anchor) adds one weighted all-reduce;
+auxiliary columns are replicated on every device, so ``W_aw`` and ``W_aa`` are local.
+
+A *slot* is a permutation ``π_s`` of the workers with a coefficient per destination:
+``new[j] += c_s[j] · old[π_s(j)]``. Slots are circulant shifts when W's support is circulant on
+the workers (a ring: shifts ±1), otherwise the partial permutations of an edge colouring of the
+directed support (Δ of them, Δ the largest degree; König's theorem), whichever needs fewer; both
+are found in O(edges) from the sparse W. Coefficients are *arguments* of the compiled program, so
+a time-varying W over a fixed support (a random schedule) reuses one program.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+
+from coopsgd.core import topology as _topology
+from coopsgd.core.communication import Communication, ring_all_reduce_bytes
+from coopsgd.core.operator import MixingMatrix, as_operator
+
+__all__ = [
+    "MixPlan",
+    "PlanKind",
+    "plan_for_matrix",
+    "plan_for_support",
+    "active_slots",
+    "coefficients",
+    "communication",
+    "mixing_traffic",
+    "tree_bytes",
+]
+
+PlanKind = Literal["none", "diag", "mean", "neighbour", "dense"]
+"""How the worker block of one mixing is applied, cheapest first."""
+
+_TOL = 1e-12
+
+
+class MixPlan(NamedTuple):
+    """The static structure of one mixing (what the compiled program does; hashable).
+
+    Attributes:
+        m, v: workers and auxiliary columns.
+        kind: one of :data:`PlanKind` for the worker block (``"none"`` means all of W is I).
+        shifts: for ``"neighbour"``, per slot the circulant offset ``o`` (``π_s(j) = (j + o) mod m``)
+            or None for a permutation slot.
+        perms: per slot the permutation (a tuple of length m; ``π_s(j)`` is the worker whose model
+            lands on worker ``j``) for permutation slots, None for shift slots.
+        worker_to_aux: whether ``W_wa ≠ 0`` (auxiliary columns gather from workers: all-reduce).
+        aux_to_worker: whether ``W_aw ≠ 0`` (workers read the replicated auxiliary columns).
+        self_weight: whether the worker block has a diagonal term to apply (False for an exact
+            average J, where ``new = c · Σ_i x_i`` needs no ``d · x`` pass).
+    """
+
+    m: int
+    v: int
+    kind: PlanKind
+    shifts: tuple = ()
+    perms: tuple = ()
+    worker_to_aux: bool = False
+    aux_to_worker: bool = False
+    self_weight: bool = True
+
+    @property
+    def communicates(self) -> bool:
+        """Whether this mixing moves data between workers (any kind but none/diag without W_wa)."""
+        return self.kind in ("mean", "neighbour", "dense") or self.worker_to_aux
+
+    @property
+    def slots(self) -> tuple[tuple[int, ...], ...]:
+        """Every slot as a permutation (shift slots spelled out; O(m) each)."""
+        return tuple(perm if perm is not None else tuple((j + o) % self.m for j in range(self.m))
+                     for o, perm in zip(self.shifts, self.perms))
+
+    def sources(self, s: int) -> np.ndarray:
+        """``π_s`` as an int array of length m."""
+        if self.perms[s] is not None:
+            return np.asarray(self.perms[s], dtype=np.int64)
+        return (np.arange(self.m) + self.shifts[s]) % self.m
+
+
+# ----------------------------------------------------------------------------------- planning
+
+
+def _arcs(off: sp.csr_array) -> tuple[np.ndarray, np.ndarray]:
+    """Sources i and destinations j of the arcs ``W[i, j] ≠ 0`` (i ≠ j)."""
+    coo = sp.coo_array(off)
+    keep = np.abs(coo.data) > _TOL
+    return coo.row[keep].astype(np.int64), coo.col[keep].astype(np.int64)
+
+
+def _slots_from_support(src: np.ndarray, dst: np.ndarray, m: int) -> tuple[tuple, tuple]:
+    """(shifts, perms) with the fewest slots: circulant shifts (a ``roll`` each) when they are no
+    more than Δ, the largest in- or out-degree, which is how many permutations a bipartite edge
+    colouring of destinations × sources needs (König's theorem,
+    :func:`coopsgd.core.topology.bipartite_edge_colouring`)."""
+    offsets = np.unique((src - dst) % m)
+    degree = max(int(np.bincount(src, minlength=m).max()), int(np.bincount(dst, minlength=m).max()))
+    if len(offsets) <= degree:
+        return tuple(int(o) for o in offsets), (None,) * len(offsets)
+    arcs = sorted(zip(dst.tolist(), src.tolist()))  # (destination j, source i)
+    colours = _topology.bipartite_edge_colouring(arcs)
+    perms = [list(range(m)) for _ in range(max(colours, default=-1) + 1)]
+    for (j, i), c in zip(arcs, colours):
+        perms[c][j] = i
+    return (None,) * len(perms), tuple(tuple(p) for p in perms)
+
+
+def _constant_offdiagonal(w: MixingMatrix) -> float | None:
+    """c when every off-diagonal entry of W_ww equals one non-zero c (within the tolerance)."""
+    m = w.m
+    if m < 2:
+        return None
+    if w.form == "mean":
+        return w.c if abs(w.c) > _TOL else None
+    off = w.worker_offdiagonal()
+    if off.nnz != m * (m - 1):
+        return None
+    vals = off.data
+    return float(vals[0]) if abs(vals[0]) > _TOL and np.all(np.abs(vals - vals[0]) <= _TOL) else None
+
+
+def _plan(w: MixingMatrix, values: bool) -> MixPlan:
+    m, v = w.m, w.v
+    to_aux, from_aux = bool(np.any(np.abs(w.wa) > _TOL)), bool(np.any(np.abs(w.aw) > _TOL))
+    if values and w.is_identity(atol=_TOL):
+        return MixPlan(m, v, "none")
+    c = _constant_offdiagonal(w) if values else None
+    if c is not None:
+        self_weight = bool(np.any(np.abs(w.worker_diagonal() - c) > _TOL))
+        return MixPlan(m, v, "mean", worker_to_aux=to_aux, aux_to_worker=from_aux, self_weight=self_weight)
+    if w.form == "mean":  # a full worker block with a varying diagonal and c = 0: local scaling
+        return MixPlan(m, v, "diag", worker_to_aux=to_aux, aux_to_worker=from_aux)
+    src, dst = _arcs(w.worker_offdiagonal())
+    if not len(src):
+        return MixPlan(m, v, "diag", worker_to_aux=to_aux, aux_to_worker=from_aux)
+    shifts, perms = _slots_from_support(src, dst, m)
+    if len(shifts) < m - 1:
+        return MixPlan(m, v, "neighbour", shifts, perms, to_aux, from_aux)
+    return MixPlan(m, v, "dense", worker_to_aux=to_aux, aux_to_worker=from_aux)
+
+
+def _operator(w, m: int, v: int) -> MixingMatrix:
+    w = as_operator(w, v=v)
+    if w.n != m + v:
+        raise ValueError(f"W is {w.n} x {w.n} but m + v = {m} + {v} = {m + v}")
+    return w
+
+
+def plan_for_matrix(w, m: int, v: int = 0) -> MixPlan:
+    """The cheapest plan that applies this exact W (its values decide ``none`` and ``mean``).
+
+    Example:
+        >>> import numpy as np
+        >>> plan_for_matrix(np.full((4, 4), 0.25), 4).kind
+        'mean'
+        >>> plan_for_matrix(np.eye(4), 4).kind
+        'none'
+    """
+    return _plan(_operator(w, m, v), values=True)
+
+
+def plan_for_support(support, m: int, v: int = 0, matchings=None) -> MixPlan:
+    """A plan that applies *any* W whose non-zeros lie in ``support`` (for random schedules,
+    whose W changes every round: the values arrive as coefficients at run time).
+
+    ``matchings`` (lists of worker pairs ``(a, b)``, disjoint within each list, e.g. MATCHA's
+    decomposition) become the slots when they cover the support's worker edges and are fewer than
+    m − 1: then a slot is inactive exactly when its matching is (see :func:`active_slots`).
+    """
+    plan = _plan(_operator(support, m, v), values=False)
+    if matchings is None or plan.kind != "neighbour":
+        return plan
+    perms, covered = [], set()
+    for edges in matchings:
+        perm = list(range(m))
+        for a, b in edges:
+            a, b = int(a), int(b)
+            if (not (0 <= a < m and 0 <= b < m) or a == b or perm[a] != a or perm[b] != b
+                    or (a, b) in covered):
+                return plan  # not disjoint matchings on the workers: ignore the hint
+            perm[a], perm[b] = b, a
+            covered.update(((a, b), (b, a)))
+        perms.append(tuple(perm))
+    src, dst = _arcs(_operator(support, m, v).worker_offdiagonal())
+    if any((int(i), int(j)) not in covered for i, j in zip(src, dst)) or not perms or len(perms) >= m - 1:
+        return plan
+    return plan._replace(shifts=(None,) * len(perms), perms=tuple(perms))
+
+
+def _lookup(matrix: sp.csr_array, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``matrix[rows[k], cols[k]]`` for every k, as a float array (also for no k)."""
+    if not len(rows):
+        return np.zeros(0)
+    return np.asarray(matrix[rows, cols], dtype=np.float64).reshape(-1)
+
+
+def _slot_coefficients(plan: MixPlan, w: MixingMatrix) -> np.ndarray:
+    """``coef[s, j] = W[π_s(j), j]`` for ``π_s(j) ≠ j``, shape (S, m)."""
+    m = plan.m
+    dst = np.arange(m)
+    ww = w.worker_block() if w.form != "mean" else None
+    ww = sp.csr_array(ww) if ww is not None else None
+    coef = np.zeros((len(plan.shifts), m))
+    for s in range(len(plan.shifts)):
+        src = plan.sources(s)
+        moved = src != dst
+        coef[s, moved] = _lookup(ww, src[moved], dst[moved])
+    return coef
+
+
+def active_slots(plan: MixPlan, w) -> MixPlan:
+    """``plan`` keeping only the neighbour slots that carry a non-zero weight in ``w`` (a random
+    schedule's active matchings); ``diag`` when none does."""
+    if plan.kind != "neighbour":
+        return plan
+    w = _operator(w, plan.m, plan.v)
+    plan = plan._replace(worker_to_aux=bool(np.any(np.abs(w.wa) > _TOL)),
+                         aux_to_worker=bool(np.any(np.abs(w.aw) > _TOL)))
+    coef = _slot_coefficients(plan, w)
+    keep = [s for s in range(len(plan.shifts)) if np.any(np.abs(coef[s]) > _TOL)]
+    if not keep:
+        return plan._replace(kind="diag", shifts=(), perms=())
+    return plan._replace(shifts=tuple(plan.shifts[s] for s in keep), perms=tuple(plan.perms[s] for s in keep))
+
+
+def coefficients(plan: MixPlan, w) -> dict[str, np.ndarray]:
+    """The run-time arguments of ``plan`` for the matrix ``w`` (float64 NumPy arrays).
+
+    Keys: ``d`` (m,) diagonal of W_ww (minus ``c`` for ``mean``), ``c`` () the constant
+    off-diagonal for ``mean``, ``slots`` (S, m) with ``slots[s, j] = W[π_s(j), j]``, ``dense`` (m, m)
+    = W_ww, ``wa`` (m, v), ``aw`` (v, m), ``aa`` (v, v).
+
+    Raises:
+        ValueError: if ``w`` has a non-zero outside what the plan can apply.
+    """
+    m, v = plan.m, plan.v
+    w = _operator(w, m, v)
+    out: dict[str, np.ndarray] = {}
+    if plan.kind == "none":
+        if not w.is_identity(atol=_TOL):
+            raise ValueError("this mixing was planned as the identity but W is not I")
+        return out
+    diag = w.worker_diagonal().copy()
+    if plan.kind == "mean":
+        c = _constant_offdiagonal(w)
+        if c is None:
+            raise ValueError("this mixing was planned as a mean but W_ww's off-diagonal is not constant")
+        out["c"] = np.asarray(c)
+        out["d"] = diag - c
+    elif plan.kind == "dense":
+        out["dense"] = np.asarray(w)[:m, :m].copy()
+    else:
+        out["d"] = diag
+        covered = None
+        if plan.kind == "neighbour":
+            out["slots"] = _slot_coefficients(plan, w)
+            rows = np.concatenate([plan.sources(s) for s in range(len(plan.shifts))])
+            cols = np.tile(np.arange(m), len(plan.shifts))
+            covered = sp.csr_array((np.ones(len(rows)), (rows, cols)), shape=(m, m))
+        if w.form == "mean":
+            if abs(w.c) > _TOL:
+                raise ValueError("W's worker block is full but was planned as sparse")
+        else:
+            src, dst = _arcs(w.worker_offdiagonal())
+            inside = np.zeros(len(src), bool) if covered is None else _lookup(covered, src, dst) > 0
+            if not np.all(inside):
+                k = int(np.argmin(inside))
+                i, j = int(src[k]), int(dst[k])
+                raise ValueError(
+                    f"W[{i}, {j}] = {w[i, j]:.6g} lies outside the support this mixing was planned for")
+    if v:
+        for name, block, flag in (("wa", w.wa, plan.worker_to_aux), ("aw", w.aw, plan.aux_to_worker)):
+            if not flag and np.any(np.abs(block) > _TOL):
+                raise ValueError(f"W's {name} block is non-zero but was planned as zero")
+            if flag:
+                out[name] = block.copy()
+        out["aa"] = w.aa.copy()
+    return out
+
+
+def communication(plan: MixPlan, param_bytes: float, w=None) -> Communication:
+    """What one mixing under ``plan`` sends per worker for a model of ``param_bytes`` bytes.
+
+    With ``w`` given, neighbour slots whose coefficients are all zero in ``w`` are not counted
+    (a random schedule's inactive matchings). Counts follow the usual ring all-reduce model:
+    ``2(m − 1)/m · P`` bytes and ``2(m − 1)`` messages per worker per reduced vector.
+
+    Example:
+        >>> import numpy as np
+        >>> c = communication(plan_for_matrix(np.full((4, 4), 0.25), 4), 1000)
+        >>> c.kind, c.bytes_per_worker, c.all_reduces
+        ('all-reduce', 1500.0, 1)
+    """
+    m, p = plan.m, float(param_bytes)
+    reduces = int(plan.kind == "mean") + (plan.v if plan.worker_to_aux else 0)
+    if m == 1:
+        reduces = 0
+    ring = ring_all_reduce_bytes(m, p)
+    if plan.kind == "none" or (plan.kind == "diag" and not reduces):
+        return Communication("none", 0.0, 0, 0, 0, m)
+    if plan.kind == "dense":
+        return Communication("dense", (m - 1) * p + reduces * ring, (m - 1) + reduces * 2 * (m - 1),
+                             reduces, 0, m)
+    if plan.kind == "neighbour":
+        active = len(plan.shifts)
+        if w is not None:
+            coef = _slot_coefficients(plan, _operator(w, m, plan.v))
+            active = int(np.sum(np.any(np.abs(coef) > _TOL, axis=1)))
+        return Communication("neighbour", active * p + reduces * ring,
+                             active + reduces * 2 * (m - 1), reduces, active, m)
+    return Communication("all-reduce", reduces * ring, reduces * 2 * (m - 1), reduces, 0, m)
+
+
+def mixing_traffic(w, param_bytes: float, v: int = 0) -> Communication:
+    """What one mixing ``X ← X W`` (``v`` auxiliary columns last) sends per worker for models of
+    ``param_bytes`` bytes: the plan W's structure picks and its cost (:func:`communication`).
+
+    Example:
+        >>> t = mixing_traffic(np.full((4, 4), 0.25), 100.0)
+        >>> t.kind, t.messages, t.bytes_per_worker, t.total_bytes
+        ('all-reduce', 6, 150.0, 600.0)
+    """
+    from coopsgd.core.validate import require_number
+
+    p = require_number("param_bytes", param_bytes)
+    w = as_operator(w, v=v)
+    return communication(_plan(w, values=True), p)
+
+
+def tree_bytes(params) -> int:
+    """Bytes of one model (one column): Σ over leaves of size × itemsize — the ``param_bytes`` of
+    :func:`communication`."""
+    import jax
+
+    return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))

@@ -1,0 +1,186 @@
+"""The mixing protocol: what the engine calls at the end of every round, as pure functions.
+
+Like optax's ``GradientTransformation``, a :class:`Mixer` is a NamedTuple of functions:
+
+- ``init(columns) -> MixerState``: the mixer's state from the m initial worker models (a pytree
+  whose leaves have leading axis m, the global view);
+- ``apply(columns, state, round, axis) -> (columns, state)``: one mixing of this device's workers
+  (leading axis ``axis.size``), with the round's :class:`MixRound` and the
+  :class:`~coopsgd.parallel.collectives.WorkerAxis` for communication; jittable;
+- ``plan(r) -> MixRound``: on the host, what round r's mixing is — its static structure (one
+  compiled program per distinct value), its run-time arrays, and whether it moves data;
+- ``traffic(r, param_bytes) -> Communication``: what round r's mixing sends per worker, the
+  mixer's entry in the one communication account;
+- ``columns(workers, state)``: the n columns of Cooperative SGD's X that the state stands for
+  (the linear mixer appends its auxiliary columns); by default the workers themselves.
+
+A mixer's state lives in ``EngineState.mix_state`` and is checkpointed with it. Its
+``per_worker`` part is laid out like the models (split over the worker axis on devices); its
+``shared`` part is replicated on every device and must be updated identically everywhere.
+
+At the same seam the engine applies an :class:`OptimizerSync` after every mixing that moved data:
+what happens to each worker's optimizer state (``keep``, ``average``, ``reset``, or your own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coopsgd.core.communication import Communication
+from coopsgd.parallel.collectives import WorkerAxis
+
+__all__ = [
+    "Mixer",
+    "MixerState",
+    "MixRound",
+    "OptimizerSync",
+    "SyncPolicy",
+    "SYNC_POLICIES",
+    "optimizer_sync",
+    "check_mixer",
+    "MixerError",
+]
+
+
+class MixerState(NamedTuple):
+    """A mixer's state: ``per_worker`` leaves have a leading worker axis (laid out like the
+    models), ``shared`` leaves are replicated on every device."""
+
+    per_worker: Any = ()
+    shared: Any = ()
+
+
+class MixRound(NamedTuple):
+    """One round's mixing: ``static`` (hashable, compiled into the program), ``args`` (a pytree of
+    arrays, run-time arguments) and ``moves`` (whether the mixing moves data between workers). On
+    the host ``args`` are NumPy arrays and ``moves`` a bool; inside ``apply`` they are traced."""
+
+    static: Hashable = None
+    args: Any = ()
+    moves: Any = True
+
+
+def _no_plan(r: int) -> MixRound:
+    return MixRound()
+
+
+class Mixer(NamedTuple):
+    """A mixing at round ends as pure functions (see the module docstring).
+
+    Example — a mixer that averages the workers and counts its mixings in its shared state::
+
+        def init(columns):
+            return MixerState(shared=jnp.zeros((), jnp.int32))
+
+        def apply(columns, state, round, axis):
+            mean = jax.tree.map(lambda x: axis.mean(x, keepdims=True), columns)
+            out = jax.tree.map(lambda x, c: jnp.broadcast_to(c, x.shape), columns, mean)
+            return out, MixerState(shared=state.shared + 1)
+
+        counting = Mixer(init, apply, traffic=lambda r, p: coopsgd.mixing_traffic(J, p), name="counting")
+    """
+
+    init: Callable[[Any], MixerState]
+    apply: Callable[[Any, MixerState, MixRound, WorkerAxis], tuple[Any, MixerState]]
+    traffic: Callable[[int, float], Communication]
+    plan: Callable[[int], MixRound] = _no_plan
+    columns: Callable[[Any, MixerState], Any] | None = None
+    name: str = "mixer"
+
+
+SyncPolicy = Literal["keep", "average", "reset"]
+"""Named optimizer-state policies at a mixing."""
+
+SYNC_POLICIES: tuple[str, ...] = ("keep", "average", "reset")
+"""What happens to each worker's optimizer state when the models mix:
+
+- ``"keep"`` (default): nothing; every worker keeps its own moments (e.g. momentum buffers), which
+  now belong to a model that has moved. This is what most local-SGD papers do.
+- ``"average"``: every floating-point leaf becomes the mean over the m workers at each mixing (one
+  extra all-reduce of the optimizer state); integer leaves (step counts) are kept.
+- ``"reset"``: re-initialise the optimizer state from the mixed model (``optimizer.init``), as if
+  training restarted from it; Adam's bias correction starts again.
+"""
+
+
+class OptimizerSync(NamedTuple):
+    """The optimizer-state policy at a mixing: ``apply(opt_state, columns, axis) -> opt_state``
+    (this device's workers), called after every mixing that moved data. ``identity`` marks a
+    policy that changes nothing, so the engine can leave it out of the program."""
+
+    apply: Callable[[Any, Any, WorkerAxis], Any]
+    name: str = "custom"
+    identity: bool = False
+
+
+def optimizer_sync(policy, optimizer) -> OptimizerSync:
+    """The :class:`OptimizerSync` named ``policy`` (one of :data:`SYNC_POLICIES`) for ``optimizer``,
+    or ``policy`` itself if it already is one.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if isinstance(policy, OptimizerSync):
+        return policy
+    if policy == "keep":
+        return OptimizerSync(lambda opt, columns, axis: opt, "keep", identity=True)
+    if policy == "reset":
+        return OptimizerSync(lambda opt, columns, axis: jax.vmap(optimizer.init)(columns), "reset")
+    if policy == "average":
+        def average(opt, columns, axis):
+            def one(a):
+                if not jnp.issubdtype(a.dtype, jnp.floating):
+                    return a
+                return jnp.broadcast_to(axis.mean(a, keepdims=True), a.shape).astype(a.dtype)
+
+            return jax.tree.map(one, opt)
+
+        return OptimizerSync(average, "average")
+    raise ValueError(f"sync_optimizer_state must be one of {SYNC_POLICIES}, got {policy!r}")
+
+
+class MixerError(ValueError):
+    """A mixer broke the protocol (wrong structure, shapes or dtypes, or non-finite output)."""
+
+
+def _signature(tree) -> list:
+    return [(jax.tree_util.keystr(path), tuple(np.shape(x)), str(getattr(x, "dtype", type(x))))
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def check_mixer(mixer: Mixer, columns, state: MixerState, round0: MixRound, m: int) -> None:
+    """Trace one mixing on the simulate layout (``jax.eval_shape``, nothing runs) and check that it
+    returns columns and a state of exactly the structure, shapes and dtypes it was given.
+
+    Raises:
+        MixerError: naming the mixer and the first leaf that differs.
+    """
+    if not isinstance(state, MixerState):
+        raise MixerError(f"mixer {mixer.name!r}: init must return a MixerState, got {type(state).__name__}")
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), (columns, state))
+    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), round0.args)
+
+    def one(cols, st, a):
+        return mixer.apply(cols, st, MixRound(round0.static, a, jnp.asarray(bool(round0.moves))),
+                           WorkerAxis(m))
+
+    try:
+        out = jax.eval_shape(one, spec[0], spec[1], args)
+    except Exception as err:  # the user's mixer failed while tracing
+        raise MixerError(f"mixer {mixer.name!r} failed on the workers' columns: {type(err).__name__}: {err}") from err
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], MixerState)):
+        raise MixerError(f"mixer {mixer.name!r}: apply must return (columns, MixerState), got {out!r}")
+    for what, given, got in (("columns", spec[0], out[0]), ("state", spec[1], out[1])):
+        a, b = _signature(given), _signature(got)
+        if jax.tree.structure(given) != jax.tree.structure(got):
+            raise MixerError(f"mixer {mixer.name!r} changed the structure of its {what}: "
+                             f"{jax.tree.structure(given)} -> {jax.tree.structure(got)}")
+        for (path, shape, dtype), (_, shape2, dtype2) in zip(a, b):
+            if (shape, dtype) != (shape2, dtype2):
+                raise MixerError(f"mixer {mixer.name!r} returned {what}{path} with shape {shape2} and "
+                                 f"dtype {dtype2}, but was given shape {shape} and dtype {dtype}")

@@ -1,0 +1,470 @@
+"""``CooperativeSGD``: a thin class over the pure round functions that caches compiled programs and
+runs rounds, with host callbacks (hooks) between them.
+
+Example:
+    >>> import jax.numpy as jnp, numpy as np, optax, coopsgd
+    >>> def loss(p, batch):  # a least-squares loss on one worker's batch
+    ...     return jnp.mean((batch["x"] @ p["w"] - batch["y"]) ** 2)
+    >>> trainer = coopsgd.CooperativeSGD(coopsgd.local_sgd(4, tau=2), optax.sgd(0.1), loss)
+    >>> state = trainer.init({"w": jnp.zeros(3)})
+    >>> batch = {"x": np.ones((4, 5, 3), np.float32), "y": np.ones((4, 5), np.float32)}
+    >>> state, metrics = trainer.step(state, batch)
+    >>> int(state.step), bool(metrics.communicated)
+    (1, False)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from coopsgd.core.algorithm import Algorithm
+from coopsgd.core.communication import Communication
+from coopsgd.core.validate import require_int
+from coopsgd.parallel import backends as _backends
+from coopsgd.parallel import engine as _engine
+from coopsgd.parallel.batches import BatchSource, check_leading, check_loss
+from coopsgd.parallel.collectives import WorkerAxis
+from coopsgd.parallel.linear import linear
+from coopsgd.parallel.protocol import Mixer, MixerError, MixRound, check_mixer, optimizer_sync
+from coopsgd.parallel.state import EngineState, NonFiniteError, PeriodState, StepMetrics
+
+__all__ = ["CooperativeSGD", "Hook", "RoundEnd", "Stop"]
+
+
+class RoundEnd(NamedTuple):
+    """What a hook sees: the state after a round end (or the end of ``run``), the metrics of the
+    steps ``start … step − 1`` since the hook's previous call, the index of the round that just
+    ended, and whether it ended with a mixing (False only at the end of a run mid-round)."""
+
+    trainer: Any
+    state: EngineState
+    metrics: StepMetrics
+    start: int
+    step: int
+    round: int
+    mixed: bool
+
+
+class Stop(NamedTuple):
+    """Returned by a hook: end the run here (with ``state`` instead of the current one, if given)."""
+
+    state: EngineState | None = None
+
+
+class Hook(NamedTuple):
+    """A host callback ``fn(RoundEnd) -> EngineState | Stop | None`` for :meth:`CooperativeSGD.run`.
+
+    ``every=None`` calls it after every round; ``every=N`` after the first round end at or past
+    each multiple of N steps (so whole rounds between calls still fuse into one compiled program).
+    Both are also called once at the end of the run. Returning an ``EngineState`` replaces the state
+    (e.g. :meth:`CooperativeSGD.observe` for an adaptive period), ``Stop()`` ends the run.
+    """
+
+    fn: Callable[[RoundEnd], Any]
+    every: int | None = None
+
+
+def _is_optax(optimizer) -> bool:
+    return isinstance(optimizer, optax.GradientTransformation) or (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    )
+
+
+class CooperativeSGD:
+    """Train any A(τ, W, v) — or any mixer — with any optax optimizer on any backend.
+
+    Args:
+        algorithm: the :class:`~coopsgd.core.algorithm.Algorithm` (its period; its W unless a
+            ``mixer`` is given).
+        optimizer: an optax ``GradientTransformation``, run independently on every worker.
+        loss_fn: ``loss_fn(params, batch)`` → scalar, or ``(scalar, aux)`` with ``has_aux=True``;
+            with ``with_rng=True`` it is called as ``loss_fn(params, batch, key)`` with a key per
+            worker and step (e.g. for gradient noise or dropout).
+        backend: ``"simulate"``, ``"pmap"`` or ``"shard_map"`` (or a
+            :class:`~coopsgd.parallel.backends.Backend`).
+        sync_optimizer_state: ``"keep"``, ``"average"``, ``"reset"`` (see
+            :data:`~coopsgd.parallel.protocol.SYNC_POLICIES`) or an
+            :class:`~coopsgd.parallel.protocol.OptimizerSync`.
+        has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+        with_rng: whether ``loss_fn`` takes a third argument, a PRNG key.
+        track_consensus: compute the consensus distance every step (on device backends this costs
+            two all-reduces per step; turn it off for production runs).
+        devices, mesh: override the devices (pmap, shard_map) or the mesh (shard_map; it needs an
+            axis named ``"workers"``).
+        steps_per_call: the most steps one compiled call runs: whole rounds of a constant period
+            with the same mixing structure are fused up to it, longer rounds are split.
+        mixer: a :class:`~coopsgd.parallel.protocol.Mixer` to run at round ends instead of the
+            algorithm's linear W.
+
+    Raises:
+        ValueError: for an optimizer that is not an optax transformation, an unknown backend or
+            sync option, m not a multiple of the device count, or a mixer that breaks the protocol.
+
+    References:
+        Wang & Joshi, "Cooperative SGD: A unified framework for the design and analysis of local-
+        update SGD algorithms", JMLR 22(213), 2021, arXiv:1808.07576.
+    """
+
+    def __init__(self, algorithm: Algorithm, optimizer: optax.GradientTransformation, loss_fn: Callable,
+                 backend="simulate", sync_optimizer_state="keep", has_aux: bool = False, *,
+                 with_rng: bool = False, track_consensus: bool = True, devices=None, mesh=None,
+                 steps_per_call: int = 256, mixer: Mixer | None = None):
+        if not isinstance(algorithm, Algorithm):
+            raise ValueError(f"algorithm must be a coopsgd.Algorithm, got {type(algorithm).__name__}")
+        if not _is_optax(optimizer):
+            raise ValueError(
+                f"optimizer must be an optax GradientTransformation (with init and update), got "
+                f"{optimizer!r} of type {type(optimizer).__name__}; e.g. optax.sgd(0.1)"
+            )
+        if not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable loss_fn(params, batch), got {loss_fn!r}")
+        if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
+            raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}")
+        if mixer is not None and not isinstance(mixer, Mixer):
+            raise ValueError(f"mixer must be a coopsgd Mixer, got {type(mixer).__name__}")
+        self.algorithm, self.optimizer, self.loss_fn = algorithm, optimizer, loss_fn
+        self.m = algorithm.m
+        self.backend = _backends.make_backend(backend, self.m, devices=devices, mesh=mesh)
+        self.mixer = mixer if mixer is not None else linear(
+            algorithm, prune=not isinstance(self.backend, _backends.Simulate))
+        self.spec = _engine.Spec(loss_fn, optimizer, self.mixer, optimizer_sync(sync_optimizer_state, optimizer),
+                                self.m, bool(has_aux), bool(with_rng), bool(track_consensus))
+        self.has_aux, self.with_rng, self.track_consensus = self.spec.has_aux, self.spec.with_rng, track_consensus
+        self.steps_per_call = steps_per_call
+        self._programs: dict = {}
+        self._args_cache: OrderedDict = OrderedDict()
+        self._checked_batches: set = set()
+
+    # ------------------------------------------------------------------ rounds and their cost
+    def mixing(self, r: int = 0) -> MixRound:
+        """The r-th mixing: its static structure, run-time arguments and whether it moves data."""
+        return self.mixer.plan(r)
+
+    def plan(self, r: int = 0):
+        """The static structure of the r-th mixing (for a linear W: its
+        :class:`~coopsgd.parallel.plan.MixPlan`; compiled once per distinct value)."""
+        return self.mixing(r).static
+
+    def communication(self, param_bytes: float, r: int = 0) -> Communication:
+        """What the r-th mixing sends per worker, for a model of ``param_bytes`` bytes: a
+        :class:`~coopsgd.core.communication.Communication` ``(kind, bytes_per_worker, messages,
+        all_reduces, neighbour_slots, m)``; a runtime model multiplies it by the ``communicated``
+        metric of each step.
+
+        Example:
+            >>> import optax, coopsgd
+            >>> t = coopsgd.CooperativeSGD(coopsgd.local_sgd(8, 4), optax.sgd(0.1), lambda p, b: 0.0)
+            >>> t.communication(4000).kind
+            'all-reduce'
+        """
+        return self.mixer.traffic(r, param_bytes)
+
+    # ------------------------------------------------------------------------------- state
+    def init(self, params, seed: int = 0) -> EngineState:
+        """Every worker starts at ``params`` with its own ``optimizer.init``; the mixer's state from
+        ``mixer.init`` (the linear mixer's auxiliary columns start at ``params`` too).
+
+        Raises:
+            ValueError: if a leaf of ``params`` is not finite or not an array of floats, or the
+                mixer breaks the protocol.
+        """
+        if not jax.tree.leaves(params):
+            raise ValueError("params has no array leaves")
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            arr = np.asarray(leaf)
+            name = jax.tree_util.keystr(path) or "params"
+            if not jnp.issubdtype(arr.dtype, jnp.floating):  # np.issubdtype misses bfloat16
+                raise ValueError(f"params{name} must be floating point, got dtype {arr.dtype}")
+            finite = np.isfinite(arr.astype(np.float32))
+            if not np.all(finite):
+                raise ValueError(f"initial params{name} has {int(np.sum(~finite))} non-finite entries (NaN or Inf)")
+        raw = _engine.init_state(self.spec, params, seed, rule=self.algorithm.period.init())
+        check_mixer(self.mixer, raw.params, raw.mix_state, self.mixer.plan(0), self.m)
+        be = self.backend
+        return EngineState(
+            params=be.place_workers(raw.params),
+            opt_state=be.place_workers(jax.tree.map(np.asarray, raw.opt_state)),
+            mix_state=be.place_mix_state(raw.mix_state),
+            step=be.replicate(raw.step), rounds=be.replicate(raw.rounds), key=be.replicate(raw.key),
+            period=raw.period)
+
+    def workers(self, state: EngineState):
+        """The m worker models (leading axis m) on any backend."""
+        return self.backend.workers(state.params)
+
+    def columns(self, state: EngineState):
+        """The n columns ``[x_1 … x_m, z_1 … z_v]`` of Cooperative SGD's X (leading axis n)."""
+        workers = self.workers(state)
+        if self.mixer.columns is None:
+            return workers
+        mix_state = state.mix_state._replace(per_worker=self.backend.workers(state.mix_state.per_worker),
+                                             shared=self.backend.shared(state.mix_state.shared))
+        return self.mixer.columns(workers, mix_state)
+
+    def average(self, state: EngineState):
+        """``u_k``: the mean of all n columns, one params pytree (Wang & Joshi, §4, ``X_k 1/n``)."""
+        return jax.tree.map(lambda x: jnp.mean(x, axis=0), self.columns(state))
+
+    def with_columns(self, state: EngineState, workers) -> EngineState:
+        """``state`` with its m worker models replaced by ``workers`` (leaves (m, …), the same
+        structure, shapes and dtypes), placed in this backend's layout."""
+        old = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), self.workers(state))
+        new = jax.tree.map(lambda x: (tuple(np.shape(x)), jnp.result_type(x)), workers)
+        if jax.tree.structure(old) != jax.tree.structure(new) or jax.tree.leaves(old) != jax.tree.leaves(new):
+            raise ValueError(f"with_columns needs the worker models' structure, shapes and dtypes {old}, got {new}")
+        return state._replace(params=self.backend.place_workers(jax.tree.map(np.asarray, workers)))
+
+    def observe(self, state: EngineState, **report) -> EngineState:
+        """Feed what the loop measured at a round end (``loss``, ``time``, ``consensus``, …) to an
+        adaptive period; the round's ``start``, ``index`` and ``tau`` are filled in."""
+        p = state.period
+        if p.tau == 0 or int(state.step) != p.end:
+            raise ValueError(f"observe is called at a round end; step {int(state.step)} is inside the "
+                             f"round that started at {p.start} and ends at {p.end}")
+        rule = self.algorithm.period.observe(p.rule, start=p.start, index=int(state.rounds) - 1, tau=p.tau,
+                                             **report)
+        return state._replace(period=dataclasses.replace(p, rule=rule))
+
+    # --------------------------------------------------------------------- compiled programs
+    def _program(self, rounds: int, length: int, static, sync_some: bool):
+        key = (rounds, length, static, sync_some)
+        if key not in self._programs:
+            local = _engine.round_program(self.spec, self.backend.axis, rounds, length, static, sync_some)
+            self._programs[key] = self.backend.compile(local, _engine.summarize, rounds * length,
+                                                       rounds if static is not None else 0)
+        return self._programs[key]
+
+    def _round_args(self, mix_rounds: Sequence[MixRound]):
+        """The rounds' arguments stacked and placed (cached while the same argument objects repeat,
+        as for a static or cyclic W; the cache holds them, so their ids stay unique)."""
+        key = tuple(id(mr.args) for mr in mix_rounds)
+        if key not in self._args_cache:
+            stacked = jax.tree.map(lambda *c: self.backend.replicate(jnp.asarray(np.stack(c))),
+                                   *[mr.args for mr in mix_rounds])
+            self._args_cache[key] = ([mr.args for mr in mix_rounds], stacked)
+            while len(self._args_cache) > 16:
+                self._args_cache.popitem(last=False)
+        return self._args_cache[key][1]
+
+    def _check_batch(self, batches, params_spec):
+        """Leading axes (steps, m) and the loss on one worker's slice, once per batch signature."""
+        single = jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape)[2:], x.dtype), batches)
+        sig = str(jax.tree.structure(single)) + str(jax.tree.leaves(
+            jax.tree.map(lambda x: (x.shape, str(x.dtype)), single)))
+        if sig in self._checked_batches:
+            return
+        check_loss(self.loss_fn, params_spec, single, has_aux=self.has_aux, with_rng=self.with_rng)
+        self._checked_batches.add(sig)
+
+    def _call(self, state: EngineState, batches, rounds: int, length: int, r0: int, mixes: bool):
+        """Run ``rounds`` rounds of ``length`` steps starting at round index ``r0``."""
+        check_leading(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batches), self.m)
+        lead = 2 if isinstance(self.backend, _backends.Pmap) else 1
+        self._check_batch(batches, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[lead:], x.dtype),
+                                                state.params))
+        if mixes:
+            mix_rounds = [self.mixer.plan(r0 + i) for i in range(rounds)]
+            static, args = mix_rounds[0].static, self._round_args(mix_rounds)
+            moves = np.array([bool(mr.moves) for mr in mix_rounds])
+        else:
+            static, args, moves = None, (), np.zeros(rounds, bool)
+        program = self._program(rounds, length, static, bool(mixes and moves.any()))
+        params, opt, mix_state, step, count, s = program(
+            state.params, state.opt_state, state.mix_state, state.step, state.rounds, state.key,
+            self.backend.place_batches(batches), args, self.backend.replicate(jnp.asarray(moves)))
+        communicated = np.zeros(rounds * length, bool)
+        if mixes:
+            communicated[length - 1:: length] = moves
+        new = EngineState(params, opt, mix_state, step, count, state.key, state.period)
+        return new, self._metrics(s, communicated)
+
+    def _metrics(self, s, communicated) -> StepMetrics:
+        return StepMetrics(losses=s["losses"], loss=s["loss"], communicated=communicated,
+                           consensus=s["consensus"], finite=s["finite"],
+                           aux=s["aux"] if self.has_aux else None)
+
+    # --------------------------------------------------------------------------- training
+    def step(self, state: EngineState, batch) -> tuple[EngineState, StepMetrics]:
+        """One iteration: each worker's gradient on its slice of ``batch`` (leaves (m, …)), the
+        optimizer update, then the mixing if this step ends a round. Reports non-finite values in
+        ``metrics.finite`` without raising."""
+        check_leading(batch, self.m)
+        state, metrics = self.run(state, jax.tree.map(lambda x: x[None], batch), 1, check_finite=False)
+        return state, jax.tree.map(lambda x: x[0], metrics)
+
+    def _fusable(self, r: int, limit: int) -> int:
+        """How many rounds from r share round r's mixing structure (at most ``limit``)."""
+        first = self.mixer.plan(r).static
+        count = 1
+        while count < limit and self.mixer.plan(r + count).static == first:
+            count += 1
+        return count
+
+    def run(self, state: EngineState, batches, steps: int, *, hooks: Sequence = (),
+            check_finite: bool = True) -> tuple[EngineState, StepMetrics]:
+        """``steps`` iterations, whole rounds fused into compiled ``lax.scan`` calls.
+
+        Args:
+            state: from :meth:`init` (or a previous call; a run may start mid-round).
+            batches: a pytree whose leaves have shape ``(steps, m, …)`` (or longer; the first
+                ``steps`` are used), or an iterator yielding one batch (leaves (m, …)) per step, or a
+                callable ``step -> batch`` given the global step index.
+            steps: number of iterations.
+            hooks: callables ``fn(RoundEnd)`` or :class:`Hook` s, called on the host between rounds.
+            check_finite: stop with :class:`NonFiniteError` at the first non-finite loss.
+
+        Returns:
+            ``(state, metrics)`` with metrics stacked over the steps run.
+
+        The period is asked for each round's τ when the round begins (an adaptive period sees what
+        the hooks observed so far); one program is compiled per distinct (rounds per call, τ,
+        mixing structure) and cached.
+
+        Raises:
+            ValueError: bad ``steps``, hooks or batch shapes (before anything compiles).
+            NonFiniteError: a NaN or Inf; the message names the step and the worker or the mixer.
+        """
+        steps = require_int("steps", steps, 0)
+        hooks = [h if isinstance(h, Hook) else Hook(h) for h in hooks]
+        for h in hooks:
+            if not callable(h.fn):
+                raise ValueError(f"a hook needs a callable fn(RoundEnd), got {h.fn!r}")
+            if h.every is not None:
+                require_int("Hook every", h.every, 1)
+        k0 = k = int(state.step)
+        r = int(state.rounds)
+        source = BatchSource(batches, steps, self.m, first_step=k0)
+        schedule = self.algorithm.period
+        pieces: list[StepMetrics] = []
+        marks = [(0, k0) for _ in hooks]  # (pieces index, step) at each hook's previous call
+        stop = False
+        while k - k0 < steps and not stop:
+            p = state.period
+            if p.tau == 0 and k > 0 and not schedule.adaptive:  # a state from before rounds were kept
+                start = schedule.round_start(schedule.round_index(k))
+                p = PeriodState(start, schedule.tau(p.rule, start, r), p.rule)
+            if k >= p.end:  # the next round begins: its period is decided now
+                p = PeriodState(k, schedule.tau(p.rule, k, r), p.rule)
+            state = state._replace(period=p)
+            remaining = steps - (k - k0)
+            length = min(p.end - k, remaining, self.steps_per_call)
+            mixes = k + length == p.end
+            rounds = 1
+            tau = schedule.constant_tau
+            if mixes and tau is not None and length == tau:
+                limit = min(remaining // tau, self.steps_per_call // tau)
+                for h in hooks:
+                    limit = min(limit, 1 if h.every is None else -(-((k // h.every + 1) * h.every - k) // tau))
+                rounds = self._fusable(r, max(limit, 1))
+            state, metrics = self._call(state, source.take(k - k0, rounds * length), rounds, length, r, mixes)
+            if check_finite:
+                self._raise_if_nonfinite(metrics, k, after_mixing=k == p.start and k > 0)
+            k += rounds * length
+            if mixes:
+                r += rounds
+                state = state._replace(period=PeriodState(k - length, length, p.rule) if rounds > 1 else p)
+            pieces.append(metrics)
+            last = k - k0 >= steps
+            for i, h in enumerate(hooks):
+                start_index, start_step = marks[i]
+                if not (last or (mixes and (h.every is None or k // h.every > start_step // h.every))):
+                    continue
+                since = _concat(pieces[start_index:])
+                result = h.fn(RoundEnd(self, state, since, start_step, k, r - 1, mixes))
+                marks[i] = (len(pieces), k)
+                if isinstance(result, Stop):
+                    stop, state = True, result.state if result.state is not None else state
+                elif isinstance(result, EngineState):
+                    state = result
+                elif result is not None:
+                    raise ValueError(f"a hook returns None, an EngineState or Stop(), got {type(result).__name__}")
+        if not pieces:
+            empty = StepMetrics(np.zeros((0, self.m)), np.zeros(0), np.zeros(0, bool),
+                                np.zeros(0) if self.track_consensus else None, np.zeros(0, bool))
+            return state, empty
+        return state, _concat(pieces)
+
+    def _raise_if_nonfinite(self, metrics: StepMetrics, k0: int, after_mixing: bool):
+        finite = np.asarray(metrics.finite)
+        if finite.all():
+            return
+        i = int(np.argmin(finite))
+        losses = np.asarray(metrics.losses)[i]
+        bad = np.flatnonzero(~np.isfinite(losses))
+        worker = int(bad[0]) if bad.size else None
+        communicated = np.asarray(metrics.communicated)
+        if worker is not None:
+            where = f"worker {worker} loss {losses[worker]}"
+            if (communicated[i - 1] if i else after_mixing):
+                where += f" (the first step after a mixing by {self.mixer.name!r})"
+        else:
+            where = f"consensus distance {np.asarray(metrics.consensus)[i]}"
+            if communicated[i]:
+                where += f" right after the mixing by {self.mixer.name!r}"
+        raise NonFiniteError(
+            f"non-finite value at step {k0 + i} (0-based): {where}; stopping the run. "
+            "Lower the learning rate or check the data.", step=k0 + i, worker=worker)
+
+    def round_fn(self, tau: int, r: int = 0, mix: bool = True) -> Callable:
+        """A pure, jittable, vmappable function for one round on the simulate layout.
+
+        ``f(state, batches) -> (state, metrics)`` runs ``tau`` local steps and (if ``mix``) the
+        r-th mixing, with its arguments baked in as constants; ``batches`` leaves have shape
+        ``(tau, m, …)``. Metrics are :class:`StepMetrics` with a leading axis ``tau``.
+
+        Many seeds at once (the theory harness)::
+
+            f = jax.jit(jax.vmap(trainer.round_fn(tau)))
+            states = jax.tree.map(lambda *xs: jnp.stack(xs), *[trainer.init(p, s) for s in seeds])
+            states, metrics = f(states, batches)   # batches leaves (seeds, tau, m, …)
+        """
+        if not isinstance(self.backend, _backends.Simulate):
+            raise ValueError(f"round_fn needs backend='simulate', this trainer uses {self.backend.name!r}")
+        tau = require_int("tau", tau, 1)
+        mix_round = self.mixer.plan(r) if mix else MixRound(None, (), False)
+        local = _engine.round_program(self.spec, WorkerAxis(self.m), 1, tau, mix_engine.static if mix else None,
+                                     bool(mix and mix_engine.moves))
+        communicated = np.zeros(tau, bool)
+        communicated[-1] = bool(mix and mix_engine.moves)
+        args, moves = mix_engine.args, np.asarray([bool(mix_engine.moves)])
+
+        def f(state: EngineState, batches):
+            stacked = jax.tree.map(lambda c: jnp.asarray(c)[None], args)
+            params, opt, mix_state, outs = local(state.params, state.opt_state, state.mix_state, state.step,
+                                                 state.key, batches, stacked, jnp.asarray(moves))
+            new = state._replace(params=params, opt_state=opt, mix_state=mix_state, step=state.step + tau,
+                                 rounds=state.rounds + int(bool(mix)))
+            return new, self._metrics(_engine.summarize(outs), jnp.asarray(communicated))
+
+        return f
+
+    def lower_step(self, state: EngineState, batch, mixes: bool = True, r: int = 0):
+        """The lowered program of one step (``mixes``: with the r-th mixing), to read its HLO:
+        ``trainer.lower_step(state, batch).compile().as_text()``."""
+        check_leading(batch, self.m)
+        be = self.backend
+        batches = be.place_batches(jax.tree.map(lambda x: x[None], batch))
+        mix_round = self.mixer.plan(r) if mixes else MixRound(None, (), False)
+        local = _engine.round_program(self.spec, be.axis, 1, 1, mix_engine.static if mixes else None,
+                                     bool(mixes and mix_engine.moves))
+        args = jax.tree.map(lambda c: np.asarray(c)[None], mix_engine.args)
+        operands = (state.params, state.opt_state, state.mix_state, state.step, state.key, batches, args,
+                    np.asarray([bool(mix_engine.moves)]))
+        if isinstance(be, _backends.Pmap):
+            return be.mapped(local).lower(operands)
+        fn = jax.jit(be.shard_mapped(local)) if isinstance(be, _backends.ShardMap) else jax.jit(local)
+        return fn.lower(*operands)
+
+
+def _concat(pieces: list[StepMetrics]) -> StepMetrics:
+    if len(pieces) == 1:
+        return pieces[0]
+    return jax.tree.map(lambda *xs: jnp.concatenate([jnp.asarray(x) for x in xs]), *pieces)
