@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coopsgd.batching import (
+from coopsgd.algorithms.batching import (
     BatchSizeController,
     BatchStats,
     augmented_inner_product_test,
@@ -180,13 +180,13 @@ class TestController:
 def test_docstring_examples():
     import doctest
 
-    from coopsgd import batching
+    from coopsgd.algorithms import batching
 
     assert doctest.testmod(batching, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
 
 
 def test_worker_stats_matches_hand_per_example_gradients():
-    from coopsgd.batching import worker_stats
+    from coopsgd.algorithms.batching import worker_stats
 
     def loss(p, b):  # least squares: per-example gradient 2 (x.p - y) x
         return jnp.mean((b["x"] @ p - b["y"]) ** 2)

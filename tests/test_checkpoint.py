@@ -15,8 +15,8 @@ import optax
 import pytest
 
 import coopsgd
-from coopsgd import checkpoint as ckpt
-from coopsgd.engine import CooperativeSGD
+from coopsgd.app import checkpoint as ckpt
+from coopsgd import CooperativeSGD
 
 
 def _trainer():
@@ -47,6 +47,7 @@ class TestRoundTrip:
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert int(back.step) == 5 and int(back.rounds) == 2
+        assert back.period == state.period  # the current round's position, by value
 
     def test_find_and_errors(self, tmp_path):
         with pytest.raises(ValueError, match="no complete checkpoint"):
@@ -72,7 +73,7 @@ batch_size = 8
 
 
 def _cli(*args):
-    return [sys.executable, "-m", "coopsgd.cli", *args]
+    return [sys.executable, "-m", "coopsgd.app.cli", *args]
 
 
 def _final_arrays(folder, step):

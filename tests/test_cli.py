@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from coopsgd import cli
+from coopsgd.app import cli
 
 
 def _run(capsys, *argv):

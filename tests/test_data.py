@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from coopsgd import data
+from coopsgd.app import data
 
 
 class TestDigits:

@@ -1,21 +1,26 @@
-"""The examples in docstrings and in docs/algorithms.md run and print what the docs say."""
+"""The examples in every module's docstrings and in docs/algorithms.md run and print what the
+docs say."""
 
 import contextlib
 import doctest
+import importlib
 import io
 import pathlib
+import pkgutil
 import re
 
 import pytest
 
 import coopsgd
-from coopsgd import algorithms, mixing, schedules, topology
+from coopsgd import schedules, topology
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
+MODULES = sorted(m.name for m in pkgutil.walk_packages(coopsgd.__path__, "coopsgd."))
 
 
-@pytest.mark.parametrize("module", [algorithms, mixing, schedules, topology])
-def test_docstring_examples(module):
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
 

@@ -12,54 +12,11 @@ import optax
 import pytest
 
 import coopsgd
-from coopsgd import communication, schedules
+from coopsgd import schedules
+from coopsgd.parallel import plan as plans
 
-D_IN, B = 3, 4  # model size, samples per worker per step
-LR = 0.1
-
-
-def loss_fn(params, batch):
-    """Least squares on one worker's batch: mean((x w + b − y)²)."""
-    pred = batch["x"] @ params["w"] + params["b"]
-    return jnp.mean((pred - batch["y"]) ** 2)
-
-
-def grad_np(w, b, x, y):
-    """∇ of mean((x w + b − y)²), by hand."""
-    r = x @ w + b - y
-    return 2.0 * x.T @ r / len(y), 2.0 * np.mean(r)
-
-
-def make_batches(steps, m, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(steps, m, B, D_IN)).astype(np.float32)
-    y = rng.normal(size=(steps, m, B)).astype(np.float32)
-    return {"x": x, "y": y}
-
-
-INIT = {"w": np.array([0.5, -0.25, 1.0], np.float32), "b": np.float32(0.1)}
-
-
-def local_sgd_np(batches, steps, m, v, mix_np):
-    """Each worker: x ← x − η g (auxiliary columns: no gradient); then ``mix_np(t, W, Bias)``."""
-    w = np.tile(INIT["w"].astype(np.float64), (m + v, 1))
-    b = np.full(m + v, float(INIT["b"]))
-    for t in range(steps):
-        for i in range(m):
-            gw, gb = grad_np(w[i], b[i], batches["x"][t, i].astype(np.float64),
-                             batches["y"][t, i].astype(np.float64))
-            w[i] -= LR * gw
-            b[i] -= LR * gb
-        w, b = mix_np(t, w, b)
-    return w, b
-
-
-def run_engine(algo, batches, steps, **kw):
-    trainer = coopsgd.CooperativeSGD(algo, optax.sgd(LR), loss_fn, **kw)
-    state = trainer.init(INIT)
-    state, metrics = trainer.run(state, batches, steps)
-    cols = trainer.columns(state)
-    return trainer, state, metrics, np.asarray(cols["w"]), np.asarray(cols["b"])
+from conftest import (B, D_IN, INIT, LR, RandomMatchings, grad_np, local_sgd_np, loss_fn, make_batches,
+                      run_engine)
 
 
 class TestMix:
@@ -93,37 +50,37 @@ class TestMix:
 
 class TestPlans:
     def test_identity_is_none(self):
-        plan = communication.plan_for_matrix(np.eye(4), 4)
+        plan = plans.plan_for_matrix(np.eye(4), 4)
         assert plan.kind == "none" and not plan.communicates
 
     def test_averaging_is_mean(self):
-        plan = communication.plan_for_matrix(np.full((6, 6), 1 / 6), 6)
+        plan = plans.plan_for_matrix(np.full((6, 6), 1 / 6), 6)
         assert plan.kind == "mean"
-        coef = communication.coefficients(plan, np.full((6, 6), 1 / 6))
+        coef = plans.coefficients(plan, np.full((6, 6), 1 / 6))
         np.testing.assert_allclose(coef["d"], 0.0, atol=1e-15)
         assert float(coef["c"]) == pytest.approx(1 / 6)
 
     def test_ring_is_two_shift_slots(self):
         w = coopsgd.mixing.metropolis(nx.cycle_graph(8))
-        plan = communication.plan_for_matrix(w, 8)
+        plan = plans.plan_for_matrix(w, 8)
         assert plan.kind == "neighbour"
         assert sorted(plan.shifts) == [1, 7]
-        coef = communication.coefficients(plan, w)
+        coef = plans.coefficients(plan, w)
         np.testing.assert_allclose(coef["slots"], 1 / 3)
         np.testing.assert_allclose(coef["d"], 1 / 3)
 
     def test_sparse_graphs_use_degree_many_slots(self):
         # A star on 8 nodes: the hub has 7 neighbours = m − 1 slots, no cheaper than dense.
         w = coopsgd.mixing.metropolis(nx.star_graph(7))
-        assert communication.plan_for_matrix(w, 8).kind == "dense"
+        assert plans.plan_for_matrix(w, 8).kind == "dense"
         # A 3 x 3 torus is 4-regular but not circulant in its numbering: 4 permutation slots (an
         # undirected matching decomposition would need Δ + 1 = 5, the graph having odd order).
         w = coopsgd.mixing.metropolis(nx.convert_node_labels_to_integers(
             nx.grid_2d_graph(3, 3, periodic=True)))
-        plan = communication.plan_for_matrix(w, 9)
+        plan = plans.plan_for_matrix(w, 9)
         assert plan.kind == "neighbour" and len(plan.slots) == 4 and plan.shifts == (None,) * 4
         # Every arc i → j of W lies in exactly one slot: rebuild W from the coefficients.
-        coef = communication.coefficients(plan, w)
+        coef = plans.coefficients(plan, w)
         rebuilt = np.diag(coef["d"])
         for s, perm in enumerate(plan.slots):
             for j, i in enumerate(perm):
@@ -133,25 +90,25 @@ class TestPlans:
 
     def test_easgd_is_local_plus_reduce(self):
         algo = coopsgd.easgd(4)
-        plan = communication.plan_for_matrix(algo.W, 4, 1)
+        plan = plans.plan_for_matrix(algo.W, 4, 1)
         assert plan.kind == "diag" and plan.worker_to_aux and plan.aux_to_worker
 
     def test_costs_hand_derived(self):
         p = 1000.0
-        c = communication.communication(communication.plan_for_matrix(np.full((4, 4), 0.25), 4), p)
-        assert c == communication.Communication("all-reduce", 2 * 3 / 4 * p, 6, 1, 0)
+        c = plans.communication(plans.plan_for_matrix(np.full((4, 4), 0.25), 4), p)
+        assert c == coopsgd.Communication("all-reduce", 2 * 3 / 4 * p, 6, 1, 0, 4)
         ring = coopsgd.mixing.metropolis(nx.cycle_graph(8))
-        c = communication.communication(communication.plan_for_matrix(ring, 8), p)
+        c = plans.communication(plans.plan_for_matrix(ring, 8), p)
         assert (c.kind, c.bytes_per_worker, c.neighbour_slots, c.all_reduces) == ("neighbour", 2 * p, 2, 0)
-        c = communication.communication(communication.plan_for_matrix(np.eye(3), 3), p)
+        c = plans.communication(plans.plan_for_matrix(np.eye(3), 3), p)
         assert c.kind == "none" and c.bytes_per_worker == 0
         dense = coopsgd.mixing.metropolis(nx.star_graph(7))
-        c = communication.communication(communication.plan_for_matrix(dense, 8), p)
+        c = plans.communication(plans.plan_for_matrix(dense, 8), p)
         assert (c.kind, c.bytes_per_worker) == ("dense", 7 * p)
 
     def test_tree_bytes(self):
         params = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(2, np.float64)}
-        assert communication.tree_bytes(params) == 3 * 4 * 4 + 2 * 8
+        assert plans.tree_bytes(params) == 3 * 4 * 4 + 2 * 8
 
     def test_trainer_communication(self):
         t = coopsgd.CooperativeSGD(coopsgd.easgd(4, tau=2), optax.sgd(0.1), loss_fn)
@@ -277,31 +234,6 @@ class TestEquivalences:
         ew, eb = local_sgd_np(batches, steps, m, 0, lambda _, w, b: (wm.T @ w, wm.T @ b))
         np.testing.assert_allclose(w, ew, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(b, eb, rtol=1e-5, atol=1e-5)
-
-
-def matching_laplacian(m, matching):
-    lap = np.zeros((m, m))
-    for a, c in matching:
-        lap[a, a] += 1
-        lap[c, c] += 1
-        lap[a, c] = lap[c, a] = -1
-    return lap
-
-
-class RandomMatchings(schedules.MixingSchedule):
-    """A random schedule (cycle None), MATCHA-style: round r activates each of the ring's two
-    matchings with probability 1/2 and uses W = I − (1/3) Σ_active L_j, from a seed and r only."""
-
-    def __init__(self, m, seed=0):
-        self.n, self.seed = m, seed
-        self.matchings = [[(i, i + 1) for i in range(0, m, 2)],
-                          [(i, (i + 1) % m) for i in range(1, m, 2)]]
-        self.support = np.eye(m, dtype=bool) | (coopsgd.mixing.metropolis(nx.cycle_graph(m)) > 0)
-
-    def at(self, r):
-        rng = np.random.default_rng([self.seed, r])
-        lap = sum(matching_laplacian(self.n, mt) for mt in self.matchings if rng.random() < 0.5)
-        return np.eye(self.n) - lap / 3.0
 
 
 class TestTimeVarying:
@@ -433,8 +365,9 @@ class TestTrainer:
         t = coopsgd.CooperativeSGD(algo, optax.adam(1e-3), loss_fn)
         state = t.init(INIT, seed=5)
         assert isinstance(state, coopsgd.EngineState)
-        assert state.params["w"].shape == (4, D_IN)  # n = m + v columns, the anchor too
-        np.testing.assert_array_equal(state.params["w"], np.tile(INIT["w"], (4, 1)))
+        assert state.params["w"].shape == (3, D_IN)  # the m workers' models
+        assert state.mix_state.shared["w"].shape == (1, D_IN)  # the anchor: the linear mixer's state
+        np.testing.assert_array_equal(t.columns(state)["w"], np.tile(INIT["w"], (4, 1)))
         assert jax.tree.leaves(state.opt_state)[0].shape[0] == 3  # one optimizer state per worker
         assert int(state.step) == 0 and int(state.rounds) == 0
 
@@ -610,11 +543,11 @@ class TestRoundsThatMoveNothing:
         m = 4
         support = np.ones((m + 1, m + 1), bool)
         support[:m, :m] = coopsgd.mixing.metropolis(nx.cycle_graph(m)) > 0
-        plan = communication.plan_for_support(support, m, 1)
+        plan = plans.plan_for_support(support, m, 1)
         assert plan.kind == "neighbour" and plan.worker_to_aux and plan.aux_to_worker
-        idle = communication.active_slots(plan, np.eye(m + 1))
+        idle = plans.active_slots(plan, np.eye(m + 1))
         assert idle.kind == "diag" and not idle.communicates
-        assert communication.communication(idle, 1000.0).bytes_per_worker == 0
+        assert plans.communication(idle, 1000.0).bytes_per_worker == 0
 
     def test_overlapping_matchings_hint_is_not_double_counted(self):
         m, steps = 8, 4
@@ -649,11 +582,11 @@ class TestInitAndBackendChecks:
             trainer.init({"w": jnp.array([1.0, jnp.nan, 0.0], jnp.bfloat16), "b": jnp.zeros(())})
 
     def test_backend_object_built_for_other_sizes(self):
-        from coopsgd import backends
+        from coopsgd.parallel import backends
 
-        with pytest.raises(ValueError, match=r"built for m = 3, v = 0.*m = 4, v = 1"):
+        with pytest.raises(ValueError, match=r"built for m = 3.*m = 4"):
             coopsgd.CooperativeSGD(coopsgd.easgd(4), optax.sgd(LR), loss_fn,
-                                   backend=backends.Simulate(3, 0))
+                                   backend=backends.Simulate(3))
 
 
 @pytest.mark.parametrize("algo", [coopsgd.local_sgd(4, 3), coopsgd.easgd(4, tau=2)], ids=["local_sgd", "easgd"])

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from coopsgd import data, models, experiment as ex
+from coopsgd.app import config, data, models, registry, results
+from coopsgd.app import experiment as ex
 
 
 @pytest.fixture(scope="module")
@@ -14,19 +15,19 @@ def digits():
 
 class TestConfig:
     def test_defaults_validate(self):
-        cfg = ex.make_config()
+        cfg = config.make_config()
         assert cfg["algorithm"] == "local_sgd" and cfg["optimizer.lr"] == 0.1
-        assert set(cfg) == set(ex.DEFAULTS)
+        assert set(cfg) == set(config.DEFAULTS)
 
     def test_flatten_and_override(self):
-        assert ex.flatten({"a": 1, "optimizer": {"lr": 0.5, "x": {"y": 2}}}) == {
+        assert config.flatten({"a": 1, "optimizer": {"lr": 0.5, "x": {"y": 2}}}) == {
             "a": 1, "optimizer.lr": 0.5, "optimizer.x.y": 2}
-        assert ex.parse_override("optimizer.lr=0.05") == ("optimizer.lr", 0.05)
-        assert ex.parse_override("topology=torus") == ("topology", "torus")
-        assert ex.parse_override("workers = 4") == ("workers", 4)
-        assert ex.parse_override('data="my file.npz"') == ("data", "my file.npz")
+        assert config.parse_override("optimizer.lr=0.05") == ("optimizer.lr", 0.05)
+        assert config.parse_override("topology=torus") == ("topology", "torus")
+        assert config.parse_override("workers = 4") == ("workers", 4)
+        assert config.parse_override('data="my file.npz"') == ("data", "my file.npz")
         with pytest.raises(ValueError, match="key=value"):
-            ex.parse_override("lr")
+            config.parse_override("lr")
 
     @pytest.mark.parametrize(
         "layer, match",
@@ -46,16 +47,16 @@ class TestConfig:
     )
     def test_bad_values_name_the_key(self, layer, match):
         with pytest.raises(ValueError, match=match):
-            ex.make_config(layer)
+            config.make_config(layer)
 
     def test_load_toml(self, tmp_path):
         p = tmp_path / "run.toml"
         p.write_text('algorithm = "dpsgd"\nworkers = 4\n[optimizer]\nlr = 0.05\n')
-        cfg = ex.make_config(ex.load_toml(p))
+        cfg = config.make_config(config.load_toml(p))
         assert (cfg["algorithm"], cfg["workers"], cfg["optimizer.lr"]) == ("dpsgd", 4, 0.05)
         p.write_text("algorithm = \n")
         with pytest.raises(ValueError, match="not valid TOML"):
-            ex.load_toml(p)
+            config.load_toml(p)
 
 
 class TestBuilders:
@@ -66,31 +67,31 @@ class TestBuilders:
          ("overlap_local_sgd", 8, 1, True), ("matcha", 1, 0, False)],
     )
     def test_each_algorithm(self, name, tau, v, overlap):
-        algo, ov = ex.build_algorithm(ex.make_config({"algorithm": name}))
-        assert (algo.m, algo.v, algo.tau, ov) == (8, v, tau, overlap)
+        algo, entry = registry.build(config.make_config({"algorithm": name}))
+        assert (algo.m, algo.v, algo.tau, entry.overlap) == (8, v, tau, overlap)
 
     def test_dpsgd_uses_the_topology_and_rule(self):
-        algo, _ = ex.build_algorithm(ex.make_config({"algorithm": "dpsgd", "topology": "ring"}))
+        algo, _ = registry.build(config.make_config({"algorithm": "dpsgd", "topology": "ring"}))
         # Metropolis on a ring: 1/3 on self and both neighbours.
         np.testing.assert_allclose(algo.W[0, [0, 1, 7]], [1 / 3] * 3)
         assert algo.W[0, 2] == 0
 
     def test_adacomm_starts_at_tau0(self):
-        algo, _ = ex.build_algorithm(ex.make_config({"algorithm": "adacomm", "tau": 4}), 100.0)
-        assert algo.period.tau_at(0) == 8  # default tau0 = 2 * tau
+        algo, _ = registry.build(config.make_config({"algorithm": "adacomm", "tau": 4}), 100.0)
+        assert algo.period.tau(algo.period.init(), 0, 0) == 8  # default tau0 = 2 * tau
 
     def test_tau_schedule(self):
-        cfg = ex.make_config({"tau": [[0, 8], [40, 2]]})
-        algo, _ = ex.build_algorithm(cfg)
-        assert [algo.period.tau_at(s) for s in (0, 32, 40, 42)] == [8, 8, 2, 2]
+        cfg = config.make_config({"tau": [[0, 8], [40, 2]]})
+        algo, _ = registry.build(cfg)
+        assert [algo.period.tau((), s, 0) for s in (0, 32, 40, 42)] == [8, 8, 2, 2]
         with pytest.raises(ValueError, match="must start at step 0"):
-            ex.make_config({"tau": [[1, 8]]})
+            config.make_config({"tau": [[1, 8]]})
         with pytest.raises(ValueError, match="does not apply to dpsgd"):
-            ex.build_algorithm(ex.make_config({"tau": [[0, 2]], "algorithm": "dpsgd"}))
+            registry.build(config.make_config({"tau": [[0, 2]], "algorithm": "dpsgd"}))
 
     def test_decentralized_needs_two_workers(self):
         with pytest.raises(ValueError, match="workers >= 2"):
-            ex.build_algorithm(ex.make_config({"algorithm": "dpsgd", "workers": 1}))
+            registry.build(config.make_config({"algorithm": "dpsgd", "workers": 1}))
 
 
 SMALL = {"steps": 32, "eval_every": 16, "workers": 4, "batch_size": 8,
@@ -100,7 +101,7 @@ SMALL = {"steps": 32, "eval_every": 16, "workers": 4, "batch_size": 8,
 
 class TestRuns:
     def test_local_sgd_time_bytes_and_rounds_by_hand(self, digits):
-        cfg = ex.make_config(SMALL, {"algorithm": "local_sgd", "tau": 8})
+        cfg = config.make_config(SMALL, {"algorithm": "local_sgd", "tau": 8})
         res = ex.run(cfg, dataset=digits)
         s, h = res["summary"], res["history"]
         # 32 steps, tau = 8: 4 averagings, each a ring all-reduce of the 64-32-10 MLP
@@ -125,7 +126,7 @@ class TestRuns:
         # Overlap Local-SGD: the model the mixing preserves is (1 − α) x̄ + α z (math.md §6)
         alpha = 0.5
         # 30 steps with tau = 4 end two local steps after a sync, where z differs from the workers' x̄
-        cfg = ex.make_config(SMALL, {"algorithm": "overlap_local_sgd", "tau": 4, "mixing_alpha": alpha,
+        cfg = config.make_config(SMALL, {"algorithm": "overlap_local_sgd", "tau": 4, "mixing_alpha": alpha,
                                      "steps": 30, "optimizer.lr": 0.5})
         res = ex.run(cfg, dataset=digits)
         cols = res.trainer.columns(res.state)
@@ -135,7 +136,7 @@ class TestRuns:
             models.accuracy(res.model, y, digits.x_test, digits.y_test), abs=1e-6)  # < one example
 
     def test_dpsgd_bytes_by_hand(self, digits):
-        cfg = ex.make_config(SMALL, {"algorithm": "dpsgd", "topology": "ring"})
+        cfg = config.make_config(SMALL, {"algorithm": "dpsgd", "topology": "ring"})
         s = ex.run(cfg, dataset=digits)["summary"]
         # Ring of 4: every step each worker sends its model to 2 neighbours: 4 * 2 * P per step.
         p = s["param_bytes"]
@@ -144,7 +145,7 @@ class TestRuns:
         assert s["simulated_time"] == pytest.approx(32 * (0.01 + 0.05))
 
     def test_resume_is_bitwise_identical(self, digits, tmp_path):
-        cfg = ex.make_config(SMALL, {"algorithm": "adacomm", "tau": 2, "steps": 48, "optimizer.lr": 0.5,
+        cfg = config.make_config(SMALL, {"algorithm": "adacomm", "tau": 2, "steps": 48, "optimizer.lr": 0.5,
                                      "adacomm_interval": 0.05})
         full = ex.run(cfg, dataset=digits, checkpoint_dir=tmp_path / "a", checkpoint_every=8)
         part = ex.run(cfg, dataset=digits, checkpoint_dir=tmp_path / "b", checkpoint_every=8, stop_at=20)
@@ -160,7 +161,7 @@ class TestRuns:
         assert len(set(full["history"]["tau"])) > 1
 
     def test_piecewise_period_run(self, digits):
-        cfg = ex.make_config(SMALL, {"tau": [[0, 8], [16, 2]], "steps": 24})
+        cfg = config.make_config(SMALL, {"tau": [[0, 8], [16, 2]], "steps": 24})
         res = ex.run(cfg, dataset=digits)
         # Rounds: 2 of 8 steps, then 4 of 2 steps: 6 averagings; time 6 * 0.05 + 24 * 0.01.
         assert res["summary"]["comm_rounds"] == 6
@@ -168,9 +169,9 @@ class TestRuns:
         assert res["history"]["tau"] == [8, 8, 2]
 
     def test_resume_rejects_another_config(self, digits, tmp_path):
-        cfg = ex.make_config(SMALL, {"algorithm": "local_sgd", "steps": 16})
+        cfg = config.make_config(SMALL, {"algorithm": "local_sgd", "steps": 16})
         ex.run(cfg, dataset=digits, checkpoint_dir=tmp_path, checkpoint_every=8)
-        other = ex.make_config(cfg, {"optimizer.lr": 0.5})
+        other = config.make_config(cfg, {"optimizer.lr": 0.5})
         with pytest.raises(ValueError, match="optimizer.lr = 0.1 in the checkpoint but 0.5 now"):
             ex.run(other, dataset=digits, resume=tmp_path)
 
@@ -182,9 +183,9 @@ class TestOutput:
         summary = {"final_train_loss": 1.0, "test_accuracy": 0.9, "comm_rounds": 5,
                    "bytes_communicated": 2.5e6, "simulated_time": 1.0, "real_time": 0.3}
         res = [{"name": "a", "config": {}, "summary": summary, "history": hist}]
-        table = ex.format_table(res)
+        table = results.format_table(res)
         assert "2.5 MB" in table and "1.0000" in table and table.splitlines()[2].startswith("a ")
-        paths = ex.write_results(res, str(tmp_path))
+        paths = results.write_results(res, str(tmp_path))
         names = sorted(p.split("/")[-1] for p in paths)
         assert names == ["consensus.png", "history.csv", "loss_vs_step.png", "loss_vs_time.png",
                          "results.csv", "results.json"]
@@ -195,4 +196,4 @@ class TestOutput:
         f = tmp_path / "file"
         f.write_text("x")
         with pytest.raises(ValueError, match="cannot create output folder"):
-            ex.prepare_out(f / "sub")
+            results.prepare_out(f / "sub")

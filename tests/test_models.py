@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from coopsgd import models
+from coopsgd.app import models
 
 
 class TestModels:

@@ -6,15 +6,13 @@ import numpy as np
 import optax
 import pytest
 
-from coopsgd.algorithms import overlap_matrix
-from coopsgd.outer import (
-    OverlapMState,
+from coopsgd.algorithms.overlap import overlap_matrix
+from coopsgd.algorithms.overlap import OverlapMState, overlap_m, overlap_m_sync
+from coopsgd.algorithms.outer import (
     average_workers,
     broadcast_workers,
     outer_momentum,
     outer_optimizer,
-    overlap_m,
-    overlap_m_sync,
     pseudo_gradient,
 )
 
@@ -183,7 +181,7 @@ class TestOverlapM:
 def test_docstring_examples():
     import doctest
 
-    from coopsgd import outer
+    from coopsgd.algorithms import outer
 
     assert doctest.testmod(outer, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
 
@@ -192,7 +190,7 @@ class TestAsMixingMatrices:
     """The heavy-ball outer momentum and Overlap-M as A(tau, W, v=2) on [x_1..x_m, p, q=p-u]."""
 
     def test_global_momentum_matrix_against_equations(self):
-        from coopsgd.outer import global_momentum_matrix
+        from coopsgd.algorithms.outer import global_momentum_matrix
 
         m, d, gamma, beta = 4, 3, 0.7, 0.8
         rng = np.random.default_rng(0)
@@ -208,7 +206,7 @@ class TestAsMixingMatrices:
         np.testing.assert_allclose(global_momentum_matrix(m, gamma, beta).sum(0), 1.0)
 
     def test_overlap_m_matrix_against_equations(self):
-        from coopsgd.outer import overlap_m_matrix
+        from coopsgd.algorithms.overlap import overlap_m_matrix
 
         m, d, alpha, beta, lr = 3, 2, 0.6, 0.7, 0.05
         rng = np.random.default_rng(1)
@@ -223,7 +221,7 @@ class TestAsMixingMatrices:
         np.testing.assert_allclose(w0[: m + 1, : m + 1], overlap_matrix(m, alpha))
 
     def test_plain_local_sgd_limit(self):
-        from coopsgd.outer import global_momentum_matrix
+        from coopsgd.algorithms.outer import global_momentum_matrix
 
         w = global_momentum_matrix(3, 1.0, 0.0)
         x = np.random.default_rng(2).normal(size=(3, 2))
@@ -232,8 +230,8 @@ class TestAsMixingMatrices:
 
     @pytest.mark.parametrize("which", ["global_momentum", "overlap_m"])
     def test_on_the_engine(self, which):
-        engine = pytest.importorskip("coopsgd.engine")
-        from coopsgd.outer import local_sgd_global_momentum, overlap_local_sgd_momentum
+        engine = pytest.importorskip("coopsgd.parallel.trainer")
+        from coopsgd import local_sgd_global_momentum, overlap_local_sgd_momentum
 
         m, d, tau, rounds, eta = 4, 2, 3, 4, 0.1
         targets = np.random.default_rng(3).normal(size=(m, d)).astype(np.float32)

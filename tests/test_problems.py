@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coopsgd import problems
+from coopsgd.analysis import problems
 
 N_DRAWS = 20_000
 

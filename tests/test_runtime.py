@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 import coopsgd
-from coopsgd import runtime as rt
+from coopsgd.sim import runtime as rt
+
+from conftest import traffic_of
 
 
 def _fixed(table):
@@ -25,48 +27,53 @@ class TestTimes:
     def test_sync_waits_for_slowest_then_communicates(self):
         model = rt.RuntimeModel(rt.constant(1.0), rt.constant_delay(2.0))
         # tau = 1: every iteration costs max_i Y + D = 1 + 2.
-        np.testing.assert_allclose(model.timeline(coopsgd.fully_sync(4), 3, 100), [3, 6, 9])
+        sync = coopsgd.fully_sync(4)
+        np.testing.assert_allclose(model.timeline(sync, 3, traffic_of(sync, 100)), [3, 6, 9])
 
     def test_local_sgd_period(self):
         model = rt.RuntimeModel(rt.constant(1.0), rt.constant_delay(2.0))
         # tau = 3: steps 1, 2, then 3 + D = 5; next round 6, 7, 10; a last partial round ends at 11.
-        np.testing.assert_allclose(model.timeline(coopsgd.local_sgd(4, 3), 7, 100), [1, 2, 5, 6, 7, 10, 11])
+        local = coopsgd.local_sgd(4, 3)
+        np.testing.assert_allclose(model.timeline(local, 7, traffic_of(local, 100)), [1, 2, 5, 6, 7, 10, 11])
 
     def test_slowest_tau_step_sum_smooths_stragglers(self):
         # Worker 0 is slow at step 0, worker 1 at step 1: sync pays 3 + 3, tau = 2 pays max(4, 4) = 4.
         table = [[3.0, 1.0], [1.0, 3.0]]
         sync = rt.RuntimeModel(_fixed(table), rt.constant_delay(0.0))
-        assert sync.timeline(coopsgd.fully_sync(2), 2, 1)[-1] == pytest.approx(6.0)
+        algo = coopsgd.fully_sync(2)
+        assert sync.timeline(algo, 2, traffic_of(algo, 1))[-1] == pytest.approx(6.0)
         local = rt.RuntimeModel(_fixed(table), rt.constant_delay(0.0))
-        np.testing.assert_allclose(local.timeline(coopsgd.local_sgd(2, 2), 2, 1), [3.0, 4.0])
+        algo = coopsgd.local_sgd(2, 2)
+        np.testing.assert_allclose(local.timeline(algo, 2, traffic_of(algo, 1)), [3.0, 4.0])
 
     def test_overlap_hides_communication(self):
         model = rt.RuntimeModel(rt.constant(1.0), rt.constant_delay(2.0))
         algo = coopsgd.overlap_local_sgd(4, 2, 0.5)
         # D = 2 equals a round's compute (tau = 2): fully hidden.
-        np.testing.assert_allclose(model.timeline(algo, 6, 100, overlap=True), [1, 2, 3, 4, 5, 6])
+        np.testing.assert_allclose(model.timeline(algo, 6, traffic_of(algo, 100), overlap=True), [1, 2, 3, 4, 5, 6])
         # D = 3: round 1 waits for round 0's message (2 + 3 = 5), round 2 for round 1's (5 + 3 = 8).
         slow = rt.RuntimeModel(rt.constant(1.0), rt.constant_delay(3.0))
-        np.testing.assert_allclose(slow.timeline(algo, 6, 100, overlap=True), [1, 2, 3, 5, 6, 8])
+        np.testing.assert_allclose(slow.timeline(algo, 6, traffic_of(algo, 100), overlap=True), [1, 2, 3, 5, 6, 8])
 
     def test_speedup_formula(self):
         # Constant Y, ratio r = D/Y: local SGD over sync is (1 + r)/(1 + r/tau) (AdaComm, §3).
         r, tau, steps = 4.0, 8, 64
         model = rt.RuntimeModel(rt.constant(1.0), rt.constant_delay(r))
-        t_sync = model.timeline(coopsgd.fully_sync(4), steps, 1)[-1]
-        t_local = model.timeline(coopsgd.local_sgd(4, tau), steps, 1)[-1]
+        sync, local = coopsgd.fully_sync(4), coopsgd.local_sgd(4, tau)
+        t_sync = model.timeline(sync, steps, traffic_of(sync, 1))[-1]
+        t_local = model.timeline(local, steps, traffic_of(local, 1))[-1]
         assert t_sync / t_local == pytest.approx((1 + r) / (1 + r / tau))
 
     def test_resumed_clock_matches(self):
         model = rt.RuntimeModel(rt.shifted_exponential(1.0, 0.5), rt.random_delay(2.0), seed=7)
         algo = coopsgd.local_sgd(3, 2)
-        full = model.timeline(algo, 8, 10)
+        full = model.timeline(algo, 8, traffic_of(algo, 10))
         clock = model.clock(3)
-        first = [clock.round(k, 2, rt.mixing_traffic(algo.W, 10), round_index=k // 2) for k in (0, 2)]
+        first = [clock.round(k, 2, coopsgd.mixing_traffic(algo.W, 10), round_index=k // 2) for k in (0, 2)]
         state = clock.state()
         again = model.clock(3)
         again.restore(state)
-        rest = [again.round(k, 2, rt.mixing_traffic(algo.W, 10), round_index=k // 2) for k in (4, 6)]
+        rest = [again.round(k, 2, coopsgd.mixing_traffic(algo.W, 10), round_index=k // 2) for k in (4, 6)]
         np.testing.assert_array_equal(np.concatenate(first + rest), full)
 
     def test_distributions_are_seeded(self):
@@ -86,43 +93,43 @@ class TestTimes:
 
 class TestTraffic:
     def test_allreduce_ring(self):
-        t = rt.mixing_traffic(np.full((8, 8), 1 / 8), 1000.0)
+        t = coopsgd.mixing_traffic(np.full((8, 8), 1 / 8), 1000.0)
         assert t.kind == "all-reduce" and t.messages == 14
-        assert t.critical_bytes == pytest.approx(2 * 7 / 8 * 1000) and t.total_bytes == 14000
+        assert t.bytes_per_worker == pytest.approx(2 * 7 / 8 * 1000) and t.total_bytes == 14000
 
     def test_easgd_anchor_is_one_all_reduce_over_the_workers(self):
         # the anchor gathers Σ x_i: one ring all-reduce among the m = 8 workers (not n = 9 nodes),
         # the same account the engine gives for the run
-        t = rt.mixing_traffic(coopsgd.easgd(8).W, 100.0, v=1)
+        t = coopsgd.mixing_traffic(coopsgd.easgd(8).W, 100.0, v=1)
         assert (t.kind, t.messages) == ("all-reduce", 14)
-        assert t.critical_bytes == pytest.approx(2 * 7 / 8 * 100) and t.total_bytes == pytest.approx(1400)
+        assert t.bytes_per_worker == pytest.approx(2 * 7 / 8 * 100) and t.total_bytes == pytest.approx(1400)
 
     def test_neighbour_ring_and_identity(self):
         w = coopsgd.dpsgd(nx.cycle_graph(8)).W
-        t = rt.mixing_traffic(w, 10.0)
-        assert (t.kind, t.messages, t.critical_bytes, t.total_bytes) == ("neighbour", 2, 20.0, 160.0)
-        assert rt.mixing_traffic(np.eye(5), 10.0).kind == "none"
+        t = coopsgd.mixing_traffic(w, 10.0)
+        assert (t.kind, t.messages, t.bytes_per_worker, t.total_bytes) == ("neighbour", 2, 20.0, 160.0)
+        assert coopsgd.mixing_traffic(np.eye(5), 10.0).kind == "none"
 
     def test_network_delay_alpha_beta(self):
         w = np.full((4, 4), 0.25)
         model = rt.RuntimeModel(rt.constant(1.0), rt.network(latency=0.5, bandwidth=100.0))
         # 2(n-1) = 6 messages * 0.5 + 2*3/4*200 bytes / 100 B/s = 3 + 3 = 6.
-        assert model.comm_time(0, rt.mixing_traffic(w, 200.0)) == pytest.approx(6.0)
+        assert model.comm_time(0, coopsgd.mixing_traffic(w, 200.0)) == pytest.approx(6.0)
 
 
 class TestEngineTraffic:
     def test_traffic_from_engine_communication(self):
         import optax
 
-        from coopsgd.engine import CooperativeSGD
+        from coopsgd import CooperativeSGD
 
         tr = CooperativeSGD(coopsgd.local_sgd(4, 2), optax.sgd(0.1), lambda p, b: 0.0)
-        t = rt.traffic_from(tr.communication(1000.0), 4)
+        t = tr.communication(1000.0)
         # Ring all-reduce: 2 (m-1)/m P per worker, 2 (m-1) messages, 2 (m-1) P in all.
-        assert (t.kind, t.messages, t.critical_bytes, t.total_bytes) == ("all-reduce", 6, 1500.0, 6000.0)
+        assert (t.kind, t.messages, t.bytes_per_worker, t.total_bytes) == ("all-reduce", 6, 1500.0, 6000.0)
         ring = CooperativeSGD(coopsgd.dpsgd(nx.cycle_graph(6)), optax.sgd(0.1), lambda p, b: 0.0)
-        t = rt.traffic_from(ring.communication(10.0), 6)
-        assert (t.kind, t.messages, t.critical_bytes, t.total_bytes) == ("neighbour", 2, 20.0, 120.0)
+        t = ring.communication(10.0)
+        assert (t.kind, t.messages, t.bytes_per_worker, t.total_bytes) == ("neighbour", 2, 20.0, 120.0)
 
 
 class TestErrors:
@@ -145,7 +152,7 @@ class TestErrors:
 def test_docstring_examples():
     import doctest
 
-    from coopsgd import data
+    from coopsgd.app import data
 
     for module in (rt, data):
         assert doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import coopsgd
-from coopsgd import mixing, schedules, theory
+from coopsgd import mixing, schedules
+from coopsgd.analysis import theory, tradeoff
 
 C = dict(L=2.0, sigma2=3.0, f_gap=5.0, K=200)
 
@@ -164,52 +165,52 @@ class TestStepSize:
 
 class TestRuntime:
     def test_speedup_by_hand(self):
-        assert theory.local_sgd_speedup(1, 5.0) == 1.0
-        assert theory.local_sgd_speedup(4, 2.0) == pytest.approx(3 / 1.5)
-        assert theory.local_sgd_speedup(10**9, 2.0) == pytest.approx(3.0)
+        assert tradeoff.local_sgd_speedup(1, 5.0) == 1.0
+        assert tradeoff.local_sgd_speedup(4, 2.0) == pytest.approx(3 / 1.5)
+        assert tradeoff.local_sgd_speedup(10**9, 2.0) == pytest.approx(3.0)
 
     def test_speedup_is_ratio_of_iteration_times(self):
         r, tau = 3.0, 5
-        t_sync = theory.iteration_time(1, comm_time=r, step_time=1.0)
-        t_local = theory.iteration_time(tau, comm_time=r, step_time=1.0)
-        assert t_sync / t_local == pytest.approx(theory.local_sgd_speedup(tau, r))
+        t_sync = tradeoff.iteration_time(1, comm_time=r, step_time=1.0)
+        t_local = tradeoff.iteration_time(tau, comm_time=r, step_time=1.0)
+        assert t_sync / t_local == pytest.approx(tradeoff.local_sgd_speedup(tau, r))
 
     def test_random_step_times_max_of_two_exponentials(self):
         # E[max of two Exp(1)] = 1.5 ; tau = 1, D = 0
-        t = theory.iteration_time(1, comm_time=0.0, m=2, samples=200_000,
+        t = tradeoff.iteration_time(1, comm_time=0.0, m=2, samples=200_000,
                                   step_time=lambda rng, shape: rng.exponential(1.0, shape))
         assert t == pytest.approx(1.5, abs=0.02)
 
     def test_stragglers_smooth_out_with_tau(self):
         exp = lambda rng, shape: rng.exponential(1.0, shape)
-        t1 = theory.iteration_time(1, comm_time=0.0, m=8, step_time=exp)
-        t16 = theory.iteration_time(16, comm_time=0.0, m=8, step_time=exp)
+        t1 = tradeoff.iteration_time(1, comm_time=0.0, m=8, step_time=exp)
+        t16 = tradeoff.iteration_time(16, comm_time=0.0, m=8, step_time=exp)
         assert t16 < t1
 
     def test_optimal_tau_minimises_runtime_bound(self):
         k = dict(L=1.0, sigma2=1.0, f_gap=2.0, eta=0.1, comm_time=3.0)
-        tau = theory.optimal_tau(wall_time=100.0, **k)
+        tau = tradeoff.optimal_tau(wall_time=100.0, **k)
         # 2 * 2 * 3 / (1e-3 * 1 * 1 * 100) = 120
         assert tau == pytest.approx(math.sqrt(120.0))
         # the runtime bound is minimised over integers next to tau*
-        f = lambda t: theory.runtime_bound(m=4, tau=t, wall_time=100.0, step_time=1.0, **k)
+        f = lambda t: tradeoff.runtime_bound(m=4, tau=t, wall_time=100.0, step_time=1.0, **k)
         best = min(range(1, 40), key=f)
         assert best in (math.floor(tau), math.ceil(tau))
 
     def test_bad_input(self):
         with pytest.raises(ValueError, match="comm_ratio"):
-            theory.local_sgd_speedup(2, -1.0)
+            tradeoff.local_sgd_speedup(2, -1.0)
         with pytest.raises(ValueError, match="tau"):
-            theory.local_sgd_speedup(0, 1.0)
+            tradeoff.local_sgd_speedup(0, 1.0)
         with pytest.raises(ValueError, match="sigma2"):
-            theory.optimal_tau(L=1, sigma2=0, f_gap=1, eta=0.1, comm_time=1, wall_time=1)
+            tradeoff.optimal_tau(L=1, sigma2=0, f_gap=1, eta=0.1, comm_time=1, wall_time=1)
 
 
 class TestContraction:
     def test_static_symmetric_is_zeta_squared(self):
         w = mixing.metropolis(nx.cycle_graph(6))
-        assert theory.contraction(w) == pytest.approx(mixing.zeta(w) ** 2)
-        assert theory.effective_zeta(w) == pytest.approx(mixing.zeta(w))
+        assert theory.contraction(w) == pytest.approx(coopsgd.zeta(w) ** 2)
+        assert theory.effective_zeta(w) == pytest.approx(coopsgd.zeta(w))
 
     def test_cyclic_by_hand(self):
         assert theory.contraction(schedules.cyclic([np.eye(2), mixing.averaging(2)])) == pytest.approx(0.5)
@@ -238,7 +239,7 @@ class TestContraction:
         assert exact == pytest.approx(np.linalg.norm(gram - np.full((4, 4), 0.25), 2))
 
     def test_matcha_schedule_agrees(self):
-        from coopsgd.matcha import MatchaSchedule
+        from coopsgd.algorithms.matcha import MatchaSchedule
 
         sched = MatchaSchedule(nx.cycle_graph(6), budget=0.5)
         mine = theory.matching_contraction(sched.laplacians, sched.probabilities, sched.alpha)

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 import coopsgd
-from coopsgd import mixing, problems, schedules, theory, verify
-from coopsgd.cli import main
+from coopsgd import mixing, schedules
+from coopsgd.analysis import problems, theory, verify
+from coopsgd.analysis.exact import exact_error_curve, exact_expected_error
+from coopsgd.app.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +44,7 @@ class TestExactRecursion:
         q = 1 - eta * lam
         hand = [lam**2 * (q ** (2 * k) * 1.5**2 + eta**2 * s2 * sum(q ** (2 * i) for i in range(k)))
                 for k in range(K)]
-        assert np.allclose(verify.exact_error_curve(coopsgd.fully_sync(1), p, eta, K), hand, rtol=1e-12)
+        assert np.allclose(exact_error_curve(coopsgd.fully_sync(1), p, eta, K), hand, rtol=1e-12)
 
     @pytest.mark.parametrize(
         "algo",
@@ -56,7 +58,7 @@ class TestExactRecursion:
     )
     def test_against_numpy_monte_carlo(self, algo):
         p = problems.quadratic(5, L=1.0, mu=0.1, sigma2=2.0, seed=1, rotate=True)
-        exact = verify.exact_error_curve(algo, p, 0.2, 25)
+        exact = exact_error_curve(algo, p, 0.2, 25)
         runs = numpy_monte_carlo(algo, p, 0.2, 25, S=4000)
         mc, se = runs.mean(0), runs.std(0, ddof=1) / math.sqrt(len(runs))
         assert np.all(np.abs(mc - exact) <= 4.5 * se + 1e-9 * exact)  # every step, a few s.e.
@@ -66,20 +68,20 @@ class TestExactRecursion:
     def test_heterogeneous(self):
         algo = coopsgd.local_sgd(3, 4)
         p = problems.quadratic(4, sigma2=0.5, m=3, heterogeneity=3.0, seed=2)
-        exact = verify.exact_expected_error(algo, p, 0.3, 30)
+        exact = exact_expected_error(algo, p, 0.3, 30)
         runs = numpy_monte_carlo(algo, p, 0.3, 30, S=4000).mean(1)
         assert abs(runs.mean() - exact) < 4 * runs.std(ddof=1) / math.sqrt(len(runs))
 
     def test_average_of_a_quadratic_ignores_the_network(self):
         # [derived] v = 0 and linear gradients: u_{k+1} = u_k − η A (u_k − x̄*) − η ξ̄ for every W
         p = problems.quadratic(6, seed=3)
-        base = verify.exact_error_curve(coopsgd.fully_sync(4), p, 0.2, 40)
+        base = exact_error_curve(coopsgd.fully_sync(4), p, 0.2, 40)
         for algo in (coopsgd.local_sgd(4, 8), coopsgd.dpsgd(nx.path_graph(4))):
-            assert np.allclose(verify.exact_error_curve(algo, p, 0.2, 40), base, rtol=1e-10)
+            assert np.allclose(exact_error_curve(algo, p, 0.2, 40), base, rtol=1e-10)
 
     def test_refuses_other_problems(self):
         with pytest.raises(ValueError, match="quadratic"):
-            verify.exact_expected_error(coopsgd.fully_sync(2), problems.linear_regression(), 0.1, 10)
+            exact_expected_error(coopsgd.fully_sync(2), problems.linear_regression(), 0.1, 10)
 
 
 class TestBoundOnQuadratics:
@@ -103,7 +105,7 @@ class TestBoundOnQuadratics:
             cond = theory.lr_condition(L=L, eta=1.0, m=algo.m, tau=algo.tau, zeta=algo.zeta, v=algo.v)
             eta = float(rng.uniform(0.2, 1.0)) * cond.eta_max
             K = int(rng.choice([10, 100]))
-            exact = verify.exact_expected_error(algo, p, eta, K)
+            exact = exact_expected_error(algo, p, eta, K)
             bound = theory.bound_for(algo, L=L, sigma2=p.sigma2, f_gap=p.f_gap, eta=eta, K=K)
             assert exact <= bound.total, (algo, p, eta, K, exact, bound)
             worst = max(worst, exact / bound.total)

@@ -326,6 +326,13 @@ class ADPSGD(AdaptivePeriod):
         remaining = self.total_steps - start
         return min(tau, remaining) if remaining > 0 else tau
 
+    def begin(self, state: ADPSGDState, start: int, index: int):
+        """The round's period, and the state with the floor's raise and the averaging recorded
+        (so both persist whether or not the round is observed)."""
+        spent = index + 1 if start < self.total_steps else state.averagings
+        return self.tau(state, start, index), state._replace(tau=self._raised(state, start, index),
+                                                              averagings=max(state.averagings, spent))
+
     def budget_floor(self, remaining: int, left: int) -> int:
         """The shortest period allowed for a round with ``left`` averagings for ``remaining`` steps.
 
@@ -362,7 +369,7 @@ class ADPSGD(AdaptivePeriod):
                         rule="the consensus distance (1/m) sum ||x_i - mean||^2")
         start, index, length = _position("ADPSGD", start, index, tau)
         raised = self._raised(state, start, index)
-        averagings = index + 1 if start < self.total_steps else state.averagings
+        averagings = max(state.averagings, index + 1) if start < self.total_steps else state.averagings
         steps = length if steps is None else require_int("ADPSGD observed steps", steps, 1)
         rate = delta / steps
         target = state.target

@@ -56,7 +56,7 @@ def exact_error_curve(algorithm, problem, eta, K) -> np.ndarray:
         raise ValueError(
             f"the exact recursion needs a quadratic problem (linear dynamics), got {type(problem).__name__}"
         )
-    eta, K = _check_run_args(algorithm, eta, K)
+    eta, K = check_run_args(algorithm, eta, K)
     problem.check_workers(algorithm.m)
     n, m, d = algorithm.n, algorithm.m, problem.d
     lam = problem.eigenvalues  # (d,)

@@ -9,7 +9,7 @@ Sources, and how sure we are of each formula (see ``docs/theory.md`` and the pro
 - :func:`cooperative_bound` — Theorem 1 of Wang & Joshi, "Cooperative SGD: A unified framework for
   the design and analysis of local-update SGD algorithms", JMLR 22(213), 2021, arXiv:1808.07576.
   The form is **[recalled]**: its constants were not re-read in the paper; the project's numerical
-  verification (:mod:`coopsgd.verify`) is the judge.
+  verification (:mod:`coopsgd.analysis.verify`) is the judge.
 - :func:`lr_condition` — the local-SGD condition ``ηL + η²L²τ(τ−1) ≤ 1`` is the paper's
   **[recalled, confident]**; the extension to ζ > 0 is **ours [open]** (see its docstring).
 - the error–runtime trade-off of local SGD (AdaComm's runtime bound and τ*) is in

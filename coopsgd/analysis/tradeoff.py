@@ -34,7 +34,7 @@ def iteration_time(
     Ȳ_i averages τ i.i.d. local-step times of worker i; D is the time of one averaging. With a
     constant step time Y this is ``Y + D/τ``; τ = 1 gives fully synchronous SGD, ``E[max_i Y_i] + D``.
     A random step time is given as a sampler ``(rng, shape) -> array`` (or an object with such a
-    ``sample`` method, like :class:`coopsgd.runtime.ComputeTime`) and the expectation is taken by
+    ``sample`` method, like :class:`coopsgd.sim.runtime.ComputeTime`) and the expectation is taken by
     Monte Carlo over ``samples`` draws.
 
     References:
@@ -47,7 +47,7 @@ def iteration_time(
     tau = _integer("tau", tau, 1)
     comm_time = require_number("comm_time", comm_time, rule="a duration")
     m = _integer("m", m, 1)
-    if hasattr(step_time, "sample"):  # e.g. a coopsgd.runtime.ComputeTime
+    if hasattr(step_time, "sample"):  # e.g. a coopsgd.sim.runtime.ComputeTime
         step_time = step_time.sample
     if callable(step_time):
         rng = np.random.default_rng(seed)

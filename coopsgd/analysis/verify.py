@@ -2,9 +2,9 @@
 
 :func:`check_bound` runs the engine users run (:class:`coopsgd.CooperativeSGD` with plain SGD,
 never a second implementation of the algorithms) on a problem with known constants
-(:mod:`coopsgd.problems`), for many seeds at once (vmapped), and compares the measured
+(:mod:`coopsgd.analysis.problems`), for many seeds at once (vmapped), and compares the measured
 ``(1/K) Σ_{k=1..K} E‖∇F(u_k)‖²`` of the averaged model ``u_k = X_k 1/n`` with
-:func:`coopsgd.theory.bound_for`.
+:func:`coopsgd.analysis.theory.bound_for`.
 
 :func:`coopsgd.analysis.exact.exact_expected_error` computes the same expectation without sampling
 for a quadratic; it is the reference the Monte-Carlo harness is tested against.
@@ -45,7 +45,7 @@ class BoundCheck(NamedTuple):
     ``holds`` is ``empirical <= bound.total`` (and ``exact <= bound.total`` where the exact value is
     known), with no allowance for sampling error. ``applies`` says whether the theorem's
     assumptions hold for this run (identical data across workers and η within
-    :func:`coopsgd.theory.lr_condition`); a row that does not hold where it applies is a violation
+    :func:`coopsgd.analysis.theory.lr_condition`); a row that does not hold where it applies is a violation
     (:attr:`violated`), i.e. a finding.
     """
 
@@ -180,7 +180,7 @@ def check_bound(algorithm, problem, eta, K, seeds=100, *, key: int = 0, exact: b
 
     Args:
         algorithm: a :class:`coopsgd.Algorithm` within Theorem 1 (symmetric W, constant τ, ζ < 1).
-        problem: a :class:`coopsgd.problems.Problem`.
+        problem: a :class:`coopsgd.analysis.problems.Problem`.
         eta: learning rate of plain SGD on every worker.
         K: number of iterations.
         seeds: number of seeds (≥ 2), or a list of integer seeds; vmapped.
@@ -198,7 +198,7 @@ def check_bound(algorithm, problem, eta, K, seeds=100, *, key: int = 0, exact: b
 
     Example:
         >>> import coopsgd
-        >>> from coopsgd import problems, verify
+        >>> from coopsgd.analysis import problems, verify
         >>> r = verify.check_bound(coopsgd.local_sgd(4, tau=4), problems.quadratic(10), 0.1, 100, 20)
         >>> r.holds
         True

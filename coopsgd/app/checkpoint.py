@@ -111,10 +111,11 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def restore(self, template, schedule, step: int | None = None):
+    def restore(self, template, schedule=None, step: int | None = None):
         """``(state, host)`` of checkpoint ``step`` (default: the latest), shaped like ``template``
         (an EngineState from ``trainer.init``, which fixes the structure, shapes and dtypes);
-        ``schedule`` (the algorithm's period schedule) restores its state from the saved value.
+        ``schedule`` (the algorithm's period schedule) restores an adaptive period's state from
+        its saved value.
 
         Raises:
             ValueError: no checkpoint, or one whose arrays do not match the template.
@@ -135,7 +136,10 @@ class Checkpointer:
         if host.get("key_impl") is not None:
             key = jax.random.wrap_key_data(np.asarray(key), impl=host["key_impl"])
         saved = host.get("period") or {"start": 0, "tau": 0, "rule": None}
-        rule = schedule.restore(saved["rule"]) if saved["rule"] is not None else schedule.init()
+        if saved["rule"] is not None and schedule is None:
+            raise ValueError(f"checkpoint {step} holds an adaptive period's state: pass the schedule "
+                             "(algorithm.period) to restore it")
+        rule = schedule.restore(saved["rule"]) if saved["rule"] is not None else template.period.rule
         state = type(template)(params=restored["params"], opt_state=restored["opt_state"],
                                mix_state=restored["mix_state"], step=restored["step"],
                                rounds=restored["rounds"], key=key,

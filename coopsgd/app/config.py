@@ -249,7 +249,7 @@ def build_optimizer(cfg: Mapping):
 
 
 def build_runtime(cfg: Mapping):
-    """The :class:`coopsgd.runtime.RuntimeModel` of the configuration (seeded by ``seed``)."""
+    """The :class:`coopsgd.sim.runtime.RuntimeModel` of the configuration (seeded by ``seed``)."""
     from coopsgd.sim import runtime as rt
 
     t = cfg["runtime.compute_time"]

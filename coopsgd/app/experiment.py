@@ -248,7 +248,7 @@ def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool =
     if resume is not None:
         reader = ckpt.Checkpointer(ckpt.find(resume))
         try:
-            state, host = reader.restore(r.state, r.period)
+            state, host = reader.restore(r.state, schedule=r.period)
         finally:
             reader.close()
         check_resume(cfg, host["config"])

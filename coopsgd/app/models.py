@@ -2,7 +2,7 @@
 
 A model here is a :class:`Model`: ``init(key)`` returns a parameter pytree and
 ``apply(params, x)`` the logits, so :func:`loss_fn` gives the ``loss_fn(params, batch)`` that
-:class:`coopsgd.engine.CooperativeSGD` takes. Any other Flax model works the same way: pass its
+:class:`coopsgd.CooperativeSGD` takes. Any other Flax model works the same way: pass its
 ``variables["params"]`` and a loss over ``module.apply``.
 """
 

@@ -8,6 +8,8 @@ arXiv:1808.07576, §3). The named algorithms of the literature are built in :mod
 
 from __future__ import annotations
 
+import numpy as np
+
 from coopsgd.core import schedules, spectral
 from coopsgd.core.operator import MixingMatrix, identity
 from coopsgd.core.validate import require_int
@@ -41,16 +43,13 @@ class Algorithm:
 
     def __init__(self, W, tau=1, v: int = 0, *, m: int | None = None, name: str = "custom"):
         v = require_int("v", v, 0)
-        n = W.n if isinstance(W, (schedules.MixingSchedule, MixingMatrix)) else None
+        shape = getattr(W, "shape", None) or (np.shape(W) if not isinstance(W, schedules.MixingSchedule) else None)
+        n = W.n if isinstance(W, schedules.MixingSchedule) else (shape[0] if shape else None)
         if m is not None and n is not None and n != require_int("m", m, 1) + v:
             raise ValueError(f"W is {n} x {n} but m + v = {m} + {v} = {m + v}")
         if n is not None and v >= n:
             raise ValueError(f"v = {v} auxiliary columns leave no workers in a {n} x {n} W (n = m + v needs m >= 1)")
         mixing_schedule = schedules.as_mixing(W, v)
-        if m is not None and mixing_schedule.n != require_int("m", m, 1) + v:
-            raise ValueError(
-                f"W is {mixing_schedule.n} x {mixing_schedule.n} but m + v = {m} + {v} = {m + v}"
-            )
         object.__setattr__(self, "_mixing", mixing_schedule)
         object.__setattr__(self, "_period", schedules.as_period(tau))
         object.__setattr__(self, "_v", v)

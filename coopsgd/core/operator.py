@@ -14,9 +14,10 @@ blocks::
   O(edges) memory;
 - ``"dense"``: a NumPy array, for small m and user-supplied matrices.
 
-A :class:`MixingMatrix` behaves like a read-only float64 NumPy array where that is cheap:
-``np.asarray(W)``, ``W[i, j]``, ``W.T``, ``X @ W`` and ``W @ X`` work, and the dense array is
-built only when asked for (and refused beyond :data:`DENSE_LIMIT` columns, naming the size).
+A :class:`MixingMatrix` behaves like a read-only float64 NumPy array: ``np.asarray(W)``,
+``W[i, j]``, ``W.T``, ``W.sum(axis)``, NumPy functions and ufuncs work on its dense form, which is
+built only when asked for (and refused beyond :data:`DENSE_LIMIT` columns, naming the size);
+``X @ W`` and ``W @ X`` use the structure at any size.
 """
 
 from __future__ import annotations
@@ -69,7 +70,16 @@ class MixingMatrix:
         [[1.0, 1.0, 1.0, 1.0]]
     """
 
-    __array_ufunc__ = None  # NumPy defers binary operators (x @ W) to this class
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        """NumPy ufuncs see the dense array (small n); ``x @ W`` uses the structure at any n."""
+        if ufunc is np.matmul and method == "__call__" and len(inputs) == 2 and not kwargs:
+            a, b = inputs
+            if isinstance(a, MixingMatrix) and not isinstance(b, MixingMatrix):
+                return a.matmul(b)
+            if isinstance(b, MixingMatrix) and not isinstance(a, MixingMatrix):
+                return b.__rmatmul__(a)
+        dense = [x.toarray() if isinstance(x, MixingMatrix) else x for x in inputs]
+        return getattr(ufunc, method)(*dense, **kwargs)
 
     def __init__(self, form: Form, m: int, *, diag=None, c: float = 0.0, ww=None, wa=None, aw=None,
                  aa=None, v: int = 0):
@@ -156,6 +166,16 @@ class MixingMatrix:
         if self.form == "mean":
             return self._diag + self._c * (self.m - 1)
         return np.asarray(self._ww.sum(axis=0), dtype=np.float64).reshape(-1)
+
+    def sum(self, axis: int | None = None):
+        """Column sums (``axis=0``, ``1ᵀW``), row sums (``axis=1``) or the total, as for an array."""
+        if axis is None:
+            return float(self.column_sums().sum())
+        if axis in (0, -2):
+            return self.column_sums()
+        if axis in (1, -1):
+            return self.row_sums()
+        raise ValueError(f"axis must be 0, 1 or None for a 2-D W, got {axis!r}")
 
     def trace(self) -> float:
         return float(self.diagonal().sum())
@@ -365,6 +385,29 @@ class MixingMatrix:
         if self.form == "mean":
             return float(self._diag[i] if i == j else self._c)
         return float(self._ww[i, j])
+
+    def _compare(self, other, op):
+        return op(self.toarray(), other.toarray() if isinstance(other, MixingMatrix) else other)
+
+    def __eq__(self, other):
+        return self._compare(other, np.equal)
+
+    def __ne__(self, other):
+        return self._compare(other, np.not_equal)
+
+    def __lt__(self, other):
+        return self._compare(other, np.less)
+
+    def __le__(self, other):
+        return self._compare(other, np.less_equal)
+
+    def __gt__(self, other):
+        return self._compare(other, np.greater)
+
+    def __ge__(self, other):
+        return self._compare(other, np.greater_equal)
+
+    __hash__ = None  # compares elementwise, like an array
 
     def __setitem__(self, index, value):
         raise ValueError("assignment destination is read-only: a MixingMatrix cannot be changed; "

@@ -8,9 +8,11 @@ Cooperative SGD, arXiv:1808.07576, §3: ``W_k = W`` after every τ-th step, ``I`
 
     state = period.init()
     tau = period.tau(state, start, index)          # τ of round `index`, which starts at `start`
+    tau, state = period.begin(state, start, index) # the same, recording the assignment
     state = period.observe(state, **report)        # after a round (adaptive rules read it)
 
-The trainer keeps that state in its ``EngineState`` and checkpoints it by value. Static schedules
+The trainer calls ``begin`` when a round starts and keeps the state in its ``EngineState``,
+checkpointed by value. Static schedules
 (:func:`constant`, :func:`piecewise`, a callable ``start_step -> τ``) have no state and can also be
 asked about any step ahead of time (``round_index``, ``round_start``, ``communicates``); adaptive
 ones (AdaComm, ADPSGD in :mod:`coopsgd.algorithms.adaptive`) decide at run time.
@@ -85,6 +87,11 @@ class PeriodSchedule:
     def tau(self, state, start: int, index: int) -> int:
         """The period of round ``index``, which starts at step ``start``."""
         return require_int(f"period at step {start}", self._tau_fn(start), 1)
+
+    def begin(self, state, start: int, index: int):
+        """``(τ, state)`` when round ``index`` starts at ``start``: the period it gets and the state
+        that records the assignment (unchanged unless a rule keeps track of it)."""
+        return self.tau(state, start, index), state
 
     def observe(self, state, **report):
         """The state after a round; a static schedule ignores the report."""
@@ -229,16 +236,12 @@ class MixingSchedule:
     n: int
     v: int = 0
     cycle: tuple[MixingMatrix, ...] | None = None
+    support = None
+    """A random schedule's pattern: every W^(r) is non-zero only where it is (an array or a
+    MixingMatrix of 0/1, with the diagonal)."""
 
     def at(self, r: int) -> MixingMatrix:
         raise NotImplementedError
-
-    @property
-    def support(self) -> MixingMatrix:
-        """The union of the non-zero patterns of every W^(r)."""
-        if self.cycle is None:
-            raise NotImplementedError(f"{type(self).__name__} must define its support")
-        return _pattern(self.cycle)
 
     @property
     def symmetric(self) -> bool:
@@ -286,6 +289,11 @@ class _Cyclic(MixingSchedule):
 
     def at(self, r: int) -> MixingMatrix:
         return self.cycle[r % len(self.cycle)]
+
+    @property
+    def support(self) -> MixingMatrix:
+        """The union of the non-zero patterns of the cycle's matrices."""
+        return _pattern(self.cycle)
 
     def __repr__(self) -> str:
         return f"{self.description}(n={self.n}, length={len(self.cycle)})"

@@ -25,8 +25,9 @@ __all__ = [
 def canonical(graph: nx.Graph) -> nx.Graph:
     """Return ``graph`` with its nodes relabelled ``0..n-1`` in sorted order.
 
-    A graph already on ``0..n-1`` is returned as an undirected copy. Directed graphs and graphs with
-    self-loops or unsortable node labels are rejected with a ``ValueError``.
+    A plain :class:`networkx.Graph` already on the nodes ``0..n-1`` is returned as it is (nothing
+    here changes a graph); any other is copied. Directed graphs and graphs with self-loops or
+    unsortable node labels are rejected with a ``ValueError``. O(nodes + edges).
     """
     if not isinstance(graph, nx.Graph):
         raise ValueError(f"expected a networkx.Graph, got {type(graph).__name__}")
@@ -37,6 +38,9 @@ def canonical(graph: nx.Graph) -> nx.Graph:
     loops = list(nx.selfloop_edges(graph))
     if loops:
         raise ValueError(f"graph has self-loops {loops[:3]}; self-weights come from the weight rule")
+    n = graph.number_of_nodes()
+    if type(graph) is nx.Graph and all(isinstance(v, int) and 0 <= v < n for v in graph):
+        return graph  # already 0..n-1 (n distinct integers in range)
     try:
         order = sorted(graph.nodes)
     except TypeError as err:

@@ -70,6 +70,11 @@ class Backend:
         """Values every device holds a copy of (the mixer's shared state)."""
         raise NotImplementedError
 
+    def broadcast_workers(self, params):
+        """m copies of ``params`` (one model), placed like :meth:`place_workers`."""
+        return self.place_workers(jax.tree.map(lambda p: np.broadcast_to(np.asarray(p), (self.m,) + np.shape(p)),
+                                               params))
+
     def place_mix_state(self, state: MixerState) -> MixerState:
         return MixerState(self.place_workers(state.per_worker), self.place_shared(state.shared))
 
@@ -88,11 +93,12 @@ class Backend:
         """Shared values back to one copy."""
         raise NotImplementedError
 
-    def compile(self, local_fn, summarize, steps: int, rounds: int):
+    def compile(self, local_fn, summarize, steps: int, rounds: int, donate: bool = False):
         """The launched program ``(params, opt, mix_state, step, rounds, key, batches, args, moves)
         → (params, opt, mix_state, step + steps, rounds + rounds, summary)`` around the per-device
         ``local_fn(params, opt, mix_state, step, key, batches, args, moves) → (params, opt,
-        mix_state, outs)``."""
+        mix_state, outs)``; with ``donate`` the first three arguments' buffers are reused for the
+        results (the state passed in is consumed)."""
         raise NotImplementedError
 
 
@@ -107,6 +113,11 @@ class Simulate(Backend):
     def place_shared(self, tree):
         return jax.tree.map(jnp.asarray, tree)
 
+    def broadcast_workers(self, params):
+        m = self.m  # built on the device: no host copy of the m models
+        return jax.jit(lambda p: jax.tree.map(lambda x: jnp.broadcast_to(x, (m,) + x.shape), p))(
+            jax.tree.map(jnp.asarray, params))
+
     def place_batches(self, batches):
         return batches
 
@@ -116,12 +127,12 @@ class Simulate(Backend):
     def shared(self, placed):
         return placed
 
-    def compile(self, local_fn, summarize, steps: int, rounds: int):
+    def compile(self, local_fn, summarize, steps: int, rounds: int, donate: bool = False):
         def program(params, opt, mix_state, step, count, key, batches, args, moves):
             params, opt, mix_state, outs = local_fn(params, opt, mix_state, step, key, batches, args, moves)
             return params, opt, mix_state, step + steps, count + rounds, summarize(outs)
 
-        return jax.jit(program)
+        return jax.jit(program, donate_argnums=(0, 1, 2) if donate else ())
 
 
 def _identity(x):
@@ -170,7 +181,8 @@ class Pmap(Backend):
     def shared(self, placed):
         return jax.tree.map(lambda x: x[0], placed)
 
-    def compile(self, local_fn, summarize, steps: int, rounds: int):
+    def compile(self, local_fn, summarize, steps: int, rounds: int, donate: bool = False):
+        # (pmap takes its arguments as one tuple, so nothing is donated.)
         # The arguments travel as one tuple: jax 0.10's pmap reads a tuple ``in_axes`` as *flat*
         # when the number of leaves happens to equal the number of arguments (e.g. an optimizer
         # state with no leaves, like plain SGD's), which silently maps a scalar argument.
@@ -264,14 +276,15 @@ class ShardMap(Backend):
     def shared(self, placed):
         return placed
 
-    def compile(self, local_fn, summarize, steps: int, rounds: int):
+    def compile(self, local_fn, summarize, steps: int, rounds: int, donate: bool = False):
         mapped = self.shard_mapped(local_fn)
         replicated = self.replicated
 
-        @jax.jit
-        def main(params, opt, mix_state, step, count, key, batches, args, moves):
+        def main_fn(params, opt, mix_state, step, count, key, batches, args, moves):
             params, opt, mix_state, outs = mapped(params, opt, mix_state, step, key, batches, args, moves)
             return params, opt, mix_state, step + steps, count + rounds, outs
+
+        main = jax.jit(main_fn, donate_argnums=(0, 1, 2) if donate else ())
 
         summary = jax.jit(summarize, out_shardings=replicated)
 

@@ -47,8 +47,7 @@ def init_state(spec: Spec, params, seed: int = 0, rule=()) -> EngineState:
     """The state before step 0 on the simulate layout: every worker starts at ``params``, with its
     own ``optimizer.init``; the mixer's state comes from ``mixer.init`` of those columns."""
     workers = jax.tree.map(lambda p: np.broadcast_to(np.asarray(p), (spec.m,) + np.shape(p)), params)
-    opt_state = jax.vmap(spec.optimizer.init)(
-        jax.tree.map(lambda p: jnp.broadcast_to(jnp.asarray(p), (spec.m,) + jnp.shape(p)), params))
+    opt_state = jax.jit(jax.vmap(spec.optimizer.init, in_axes=None, axis_size=spec.m))(params)
     return EngineState(params=workers, opt_state=opt_state, mix_state=spec.mixer.init(workers),
                        step=jnp.asarray(0, jnp.int32), rounds=jnp.asarray(0, jnp.int32),
                        key=jax.random.key(seed), period=PeriodState(rule=rule))
@@ -85,16 +84,15 @@ def mix(spec: Spec, axis: WorkerAxis, x, o, s: MixerState, mix_round: MixRound, 
     return x, o, s
 
 
-def round_program(spec: Spec, axis: WorkerAxis, rounds: int, length: int, static: Hashable | None,
-                  sync_some: bool) -> Callable:
-    """The per-device computation of ``rounds`` rounds of ``length`` local steps, each ending with
-    the mixing whose static structure is ``static`` (no mixing if ``static`` is None).
+def round_program(spec: Spec, axis: WorkerAxis, rounds: int, length: int, mixes: bool,
+                  static: Hashable | None, sync_some: bool) -> Callable:
+    """The per-device computation of ``rounds`` rounds of ``length`` local steps, each ending (if
+    ``mixes``) with the mixing whose static structure is ``static``.
 
     Returns ``fn(params, opt, mix_state, step, key, batches, args, moves) -> (params, opt,
     mix_state, outs)`` with ``batches`` leaves (rounds·length, m/D, …), ``args`` and ``moves``
     stacked over the rounds, and ``outs`` the per-step losses, aux and consensus.
     """
-    mixes = static is not None
     track = spec.track_consensus
 
     def fn(params, opt, mix_state, step, key, batches, args, moves):

@@ -103,6 +103,9 @@ class CooperativeSGD:
             with the same mixing structure are fused up to it, longer rounds are split.
         mixer: a :class:`~coopsgd.parallel.protocol.Mixer` to run at round ends instead of the
             algorithm's linear W.
+        donate: let each compiled call reuse the buffers of the state it is given (the state
+            passed to :meth:`run` or :meth:`step` is consumed; keep only the returned one). About
+            a third less peak memory at scale; not on the pmap backend.
 
     Raises:
         ValueError: for an optimizer that is not an optax transformation, an unknown backend or
@@ -116,7 +119,7 @@ class CooperativeSGD:
     def __init__(self, algorithm: Algorithm, optimizer: optax.GradientTransformation, loss_fn: Callable,
                  backend="simulate", sync_optimizer_state="keep", has_aux: bool = False, *,
                  with_rng: bool = False, track_consensus: bool = True, devices=None, mesh=None,
-                 steps_per_call: int = 256, mixer: Mixer | None = None):
+                 steps_per_call: int = 256, mixer: Mixer | None = None, donate: bool = False):
         if not isinstance(algorithm, Algorithm):
             raise ValueError(f"algorithm must be a coopsgd.Algorithm, got {type(algorithm).__name__}")
         if not _is_optax(optimizer):
@@ -139,6 +142,7 @@ class CooperativeSGD:
                                 self.m, bool(has_aux), bool(with_rng), bool(track_consensus))
         self.has_aux, self.with_rng, self.track_consensus = self.spec.has_aux, self.spec.with_rng, track_consensus
         self.steps_per_call = steps_per_call
+        self.donate = bool(donate)
         self._programs: dict = {}
         self._args_cache: OrderedDict = OrderedDict()
         self._checked_batches: set = set()
@@ -190,8 +194,8 @@ class CooperativeSGD:
         check_mixer(self.mixer, raw.params, raw.mix_state, self.mixer.plan(0), self.m)
         be = self.backend
         return EngineState(
-            params=be.place_workers(raw.params),
-            opt_state=be.place_workers(jax.tree.map(np.asarray, raw.opt_state)),
+            params=be.broadcast_workers(params),
+            opt_state=be.place_workers(raw.opt_state),
             mix_state=be.place_mix_state(raw.mix_state),
             step=be.replicate(raw.step), rounds=be.replicate(raw.rounds), key=be.replicate(raw.key),
             period=raw.period)
@@ -234,12 +238,12 @@ class CooperativeSGD:
         return state._replace(period=dataclasses.replace(p, rule=rule))
 
     # --------------------------------------------------------------------- compiled programs
-    def _program(self, rounds: int, length: int, static, sync_some: bool):
-        key = (rounds, length, static, sync_some)
+    def _program(self, rounds: int, length: int, mixes: bool, static, sync_some: bool):
+        key = (rounds, length, mixes, static, sync_some)
         if key not in self._programs:
-            local = _engine.round_program(self.spec, self.backend.axis, rounds, length, static, sync_some)
+            local = _engine.round_program(self.spec, self.backend.axis, rounds, length, mixes, static, sync_some)
             self._programs[key] = self.backend.compile(local, _engine.summarize, rounds * length,
-                                                       rounds if static is not None else 0)
+                                                       rounds if mixes else 0, self.donate)
         return self._programs[key]
 
     def _round_args(self, mix_rounds: Sequence[MixRound]):
@@ -276,7 +280,7 @@ class CooperativeSGD:
             moves = np.array([bool(mr.moves) for mr in mix_rounds])
         else:
             static, args, moves = None, (), np.zeros(rounds, bool)
-        program = self._program(rounds, length, static, bool(mixes and moves.any()))
+        program = self._program(rounds, length, mixes, static, bool(mixes and moves.any()))
         params, opt, mix_state, step, count, s = program(
             state.params, state.opt_state, state.mix_state, state.step, state.rounds, state.key,
             self.backend.place_batches(batches), args, self.backend.replicate(jnp.asarray(moves)))
@@ -350,9 +354,9 @@ class CooperativeSGD:
             p = state.period
             if p.tau == 0 and k > 0 and not schedule.adaptive:  # a state from before rounds were kept
                 start = schedule.round_start(schedule.round_index(k))
-                p = PeriodState(start, schedule.tau(p.rule, start, r), p.rule)
+                p = PeriodState(start, *schedule.begin(p.rule, start, r))
             if k >= p.end:  # the next round begins: its period is decided now
-                p = PeriodState(k, schedule.tau(p.rule, k, r), p.rule)
+                p = PeriodState(k, *schedule.begin(p.rule, k, r))
             state = state._replace(period=p)
             remaining = steps - (k - k0)
             length = min(p.end - k, remaining, self.steps_per_call)
@@ -430,11 +434,11 @@ class CooperativeSGD:
             raise ValueError(f"round_fn needs backend='simulate', this trainer uses {self.backend.name!r}")
         tau = require_int("tau", tau, 1)
         mix_round = self.mixer.plan(r) if mix else MixRound(None, (), False)
-        local = _engine.round_program(self.spec, WorkerAxis(self.m), 1, tau, mix_engine.static if mix else None,
-                                     bool(mix and mix_engine.moves))
+        local = _engine.round_program(self.spec, WorkerAxis(self.m), 1, tau, bool(mix), mix_round.static,
+                                      bool(mix and mix_round.moves))
         communicated = np.zeros(tau, bool)
-        communicated[-1] = bool(mix and mix_engine.moves)
-        args, moves = mix_engine.args, np.asarray([bool(mix_engine.moves)])
+        communicated[-1] = bool(mix and mix_round.moves)
+        args, moves = mix_round.args, np.asarray([bool(mix_round.moves)])
 
         def f(state: EngineState, batches):
             stacked = jax.tree.map(lambda c: jnp.asarray(c)[None], args)
@@ -453,11 +457,11 @@ class CooperativeSGD:
         be = self.backend
         batches = be.place_batches(jax.tree.map(lambda x: x[None], batch))
         mix_round = self.mixer.plan(r) if mixes else MixRound(None, (), False)
-        local = _engine.round_program(self.spec, be.axis, 1, 1, mix_engine.static if mixes else None,
-                                     bool(mixes and mix_engine.moves))
-        args = jax.tree.map(lambda c: np.asarray(c)[None], mix_engine.args)
+        local = _engine.round_program(self.spec, be.axis, 1, 1, bool(mixes), mix_round.static,
+                                      bool(mixes and mix_round.moves))
+        args = jax.tree.map(lambda c: np.asarray(c)[None], mix_round.args)
         operands = (state.params, state.opt_state, state.mix_state, state.step, state.key, batches, args,
-                    np.asarray([bool(mix_engine.moves)]))
+                    np.asarray([bool(mix_round.moves)]))
         if isinstance(be, _backends.Pmap):
             return be.mapped(local).lower(operands)
         fn = jax.jit(be.shard_mapped(local)) if isinstance(be, _backends.ShardMap) else jax.jit(local)

@@ -96,7 +96,7 @@ def make_algorithm(name: str, m: int, tau: int, *, topology: str | None = None,
 
 def make_problem(name: str, *, d: int, L: float, mu: float, sigma2: float, heterogeneity: float,
                  m: int, batch_size: int, seed: int):
-    """The named problem (see :mod:`coopsgd.problems`)."""
+    """The named problem (see :mod:`coopsgd.analysis.problems`)."""
     from coopsgd.analysis import problems
 
     _valid("problem", name, PROBLEMS)

@@ -1,0 +1,149 @@
+"""W as an operator: structured storage that equals the dense matrix, spectral quantities from
+structure that equal the dense eigensolver and the closed forms, and algorithms at 65,536 workers
+without an m × m array."""
+import math
+
+import networkx as nx
+import numpy as np
+import optax
+import pytest
+import scipy.sparse as sp
+
+import coopsgd
+from coopsgd.algorithms.easgd import easgd_matrix
+from coopsgd.algorithms.outer import global_momentum_matrix
+from coopsgd.algorithms.overlap import overlap_m_matrix, overlap_matrix
+from coopsgd.core import mixing, spectral
+from coopsgd.core.operator import DENSE_LIMIT, MixingMatrix, as_operator
+from coopsgd.parallel import plan as plans
+
+
+def _column_stochastic(rng, n, density=1.0):
+    w = rng.random((n, n)) * (rng.random((n, n)) < density) + np.eye(n)
+    return w / w.sum(axis=0, keepdims=True)
+
+
+OPERATORS = {
+    "J": lambda: mixing.averaging(6),
+    "ring": lambda: mixing.metropolis(nx.cycle_graph(7)),
+    "torus": lambda: mixing.metropolis(nx.grid_2d_graph(3, 4, periodic=True)),
+    "easgd": lambda: easgd_matrix(5, 0.2),
+    "overlap": lambda: overlap_matrix(5, 0.6),
+    "overlap_m": lambda: overlap_m_matrix(4, 0.6, 0.7),
+    "global_momentum": lambda: global_momentum_matrix(4, 0.7, 0.9),
+    "dense": lambda: as_operator(_column_stochastic(np.random.default_rng(0), 6)),
+}
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+def test_structure_equals_the_dense_matrix(name):
+    w = OPERATORS[name]()
+    dense = np.asarray(w)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(w.n, 3))
+    np.testing.assert_allclose(w @ x, dense @ x, atol=1e-12)
+    np.testing.assert_allclose(x.T @ w, x.T @ dense, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(w.T), dense.T, atol=0)
+    np.testing.assert_allclose(w.column_sums(), dense.sum(0), atol=1e-12)
+    np.testing.assert_allclose(w.row_sums(), dense.sum(1), atol=1e-12)
+    np.testing.assert_array_equal(w.diagonal(), np.diag(dense))
+    assert w.is_symmetric() == bool(np.allclose(dense, dense.T, atol=1e-8))
+    assert w.nnz == np.count_nonzero(dense)
+    # the dense form read back is stored exactly, block by block
+    np.testing.assert_array_equal(np.asarray(as_operator(dense, v=w.v)), dense)
+
+
+def test_forms_chosen_by_structure():
+    assert mixing.averaging(5).form == "mean"
+    assert as_operator(np.full((5, 5), 0.2)).form == "mean"
+    assert mixing.metropolis(nx.cycle_graph(9)).form == "sparse"
+    assert as_operator(_column_stochastic(np.random.default_rng(2), 5)).form == "dense"
+    assert easgd_matrix(4, 0.1).form == "sparse" and easgd_matrix(4, 0.1).v == 1
+    assert global_momentum_matrix(4).form == "mean" and global_momentum_matrix(4).v == 2
+
+
+def test_circulant_offsets():
+    offsets = mixing.metropolis(nx.cycle_graph(8)).circulant_offsets()
+    assert sorted(offsets) == [0, 1, 7] and offsets[0] == pytest.approx(1 / 3) and offsets[1] == 1 / 3
+    assert mixing.metropolis(nx.path_graph(8)).circulant_offsets() is None  # end nodes differ
+    ex = mixing.metropolis(coopsgd.topology.exponential(8))
+    assert sorted(ex.circulant_offsets()) == [0, 1, 2, 4, 6, 7]
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+def test_zeta_and_stationary_from_structure_equal_the_dense_solver(name):
+    w = OPERATORS[name]()
+    if name == "torus":  # a torus is not circulant in its numbering: the sparse Lanczos path
+        assert w.circulant_offsets() is None
+    assert spectral.zeta(w, method="structure") == pytest.approx(spectral.zeta(w, method="dense"), abs=1e-9)
+    if spectral.zeta(w) < 1 - 1e-9:
+        np.testing.assert_allclose(spectral.stationary(w, method="structure"),
+                                   spectral.stationary(w, method="dense"), atol=1e-9)
+
+
+def test_overlap_stationary_by_hand():
+    # X π = (1 − α) x̄ + α z: (1 − α)/m per worker, α for the anchor (Wang, Liang & Joshi, §3)
+    np.testing.assert_allclose(spectral.stationary(overlap_matrix(4, 0.6), method="structure"),
+                               [0.1, 0.1, 0.1, 0.1, 0.6], atol=1e-12)
+
+
+def test_sparse_nonsymmetric_zeta_by_arnoldi():
+    rng = np.random.default_rng(3)
+    dense = _column_stochastic(rng, 40, density=0.1)
+    w = as_operator(sp.csr_array(dense))
+    assert spectral.zeta(w, method="structure") == pytest.approx(spectral.zeta(dense, method="dense"), abs=1e-8)
+
+
+def test_read_only_and_bad_input():
+    w = mixing.averaging(3)
+    with pytest.raises(ValueError, match="read-only"):
+        w[0, 0] = 1.0
+    with pytest.raises(ValueError, match="complex"):
+        as_operator(np.eye(2) * 1j)
+    with pytest.raises(ValueError, match=r"square matrix, got shape \(2, 3\)"):
+        as_operator(np.zeros((2, 3)))
+
+
+# --------------------------------------------------------------------------------- at scale
+
+M = 65536
+
+
+def test_ring_at_65536_workers_without_a_dense_w():
+    algo = coopsgd.dpsgd(nx.cycle_graph(M))
+    w = algo.W
+    assert w.form == "sparse" and w.nnz == 3 * M
+    # ζ of the Metropolis ring is 1/3 + (2/3) cos(2π/m) (even m: λ_{m/2} = −1/3 is smaller)
+    assert algo.zeta == pytest.approx(1 / 3 + 2 / 3 * math.cos(2 * math.pi / M), abs=1e-12)
+    with pytest.raises(ValueError, match=f"dense {M} x {M} array .* more than the {DENSE_LIMIT}"):
+        np.asarray(w)
+    plan = plans.plan_for_matrix(w, M)
+    assert plan.kind == "neighbour" and sorted(plan.shifts) == [1, M - 1]
+    traffic = plans.communication(plan, 4000.0)
+    assert (traffic.kind, traffic.bytes_per_worker, traffic.messages) == ("neighbour", 8000.0, 2)
+
+
+def test_averaging_and_easgd_at_65536_workers():
+    assert coopsgd.local_sgd(M, 4).zeta == 0.0
+    alpha = 2.0 / (M + 2)
+    easgd = coopsgd.easgd(M, 1)
+    assert easgd.zeta == pytest.approx(max(abs(1 - alpha), abs(1 - (M + 1) * alpha)), abs=1e-12)
+    assert easgd.W.nnz == 3 * M + 1  # (1 − α) I, the anchor's row and column, its self-weight
+    assert plans.communication(plans.plan_for_matrix(easgd.W, M, 1), 100.0).all_reduces == 1
+
+
+def test_trainer_at_65536_workers_is_the_ring_update():
+    import jax.numpy as jnp
+
+    def loss(p, b):
+        return 0.5 * jnp.sum((p["w"] - b) ** 2)
+
+    trainer = coopsgd.CooperativeSGD(coopsgd.dpsgd(nx.cycle_graph(M)), optax.sgd(0.5), loss,
+                                     track_consensus=False)
+    state = trainer.init({"w": jnp.zeros(2)})
+    targets = np.arange(M, dtype=np.float32)
+    state, _ = trainer.run(state, np.tile(targets[None, :, None], (1, 1, 2)), 1)
+    # one SGD step x_i = 0.5 t_i, then the ring average of each worker with its two neighbours
+    x = 0.5 * targets
+    expect = (np.roll(x, 1) + x + np.roll(x, -1)) / 3
+    np.testing.assert_allclose(np.asarray(state.params["w"])[:, 0], expect, rtol=1e-5)
