@@ -10,7 +10,7 @@ machine whose load changes during the run slows both alike; figures are medians 
    hand-written JAX program doing the same math (a jitted ``lax.scan`` over rounds of τ vmapped
    SGD steps and a mean). Target: ratio ≤ 1.05.
 2. ``mixing``: one ring D-PSGD mixing of m simulated workers with d = 1e5 parameters (two
-   shifted copies, :mod:`coopsgd.communication`), against one memory pass of the local update
+   shifted copies, :mod:`coopsgd.parallel.linear`), against one memory pass of the local update
    ``x − ηg`` on the same arrays, and against the dense contraction ``Wᵀ X`` (up to m = 256).
    Timed standalone (one call, fresh output) and inside a ``fori_loop`` (buffers reused).
    Targets: t(1024)/t(256) ≤ 5 (linear in m) and mixing ≤ 1.5 × the update pass.
@@ -34,7 +34,9 @@ import numpy as np
 import optax
 
 import coopsgd
-from coopsgd import communication, mixing
+from coopsgd import WorkerAxis, mixing
+from coopsgd.parallel.linear import mix_local
+from coopsgd.parallel.plan import coefficients, plan_for_matrix
 
 
 def block(x):
@@ -142,15 +144,16 @@ def mixing_cost(quick: bool) -> dict:
     out = {"d": d, "iters_in_loop": iters, "rows": []}
     for m in ms:
         w = mixing.metropolis(nx.cycle_graph(m))
-        plan = communication.plan_for_matrix(w, m)
-        coef = jax.tree.map(jnp.asarray, communication.coefficients(plan, w))
+        plan = plan_for_matrix(w, m)
+        coef = jax.tree.map(jnp.asarray, coefficients(plan, w))
+        axis = WorkerAxis(m)
         key = jax.random.key(m)
         x = jax.random.normal(key, (m, d))
         g = jax.random.normal(jax.random.fold_in(key, 1), (m, d))
         empty = jnp.zeros((0, d))
 
         def mix_once(x):
-            return communication.mix_local(plan, x, empty, coef)[0]
+            return mix_local(plan, x, empty, coef, axis)[0]
 
         np.testing.assert_allclose(np.asarray(jax.jit(mix_once)(x))[:4],
                                    (w.T @ np.asarray(x, np.float64))[:4], rtol=1e-4, atol=1e-4)

@@ -2,10 +2,10 @@
 
     python benchmarks/verify.py [--repeats 3]
 
-Prints JSON: wall-clock seconds of ``coopsgd.verify.check_bound`` end to end (engine build, compile,
-the vmapped run of all seeds, the exact recursion), of the Monte-Carlo part alone, and of the exact
-recursion alone, for local SGD (τ = 4) and D-PSGD on a ring. Target (issue 4): ≤ 10 s per check on a
-2-core CPU. Timings are reported, never asserted in tests.
+Prints JSON: wall-clock seconds of ``coopsgd.analysis.verify.check_bound`` end to end (engine
+build, compile, the vmapped run of all seeds, the exact recursion), of the Monte-Carlo part alone,
+and of the exact recursion alone, for local SGD (τ = 4) and D-PSGD on a ring. Target (issue 4):
+≤ 10 s per check on a 2-core CPU. Timings are reported, never asserted in tests.
 """
 
 import argparse
@@ -18,7 +18,8 @@ import jax
 import networkx as nx
 
 import coopsgd
-from coopsgd import problems, verify
+from coopsgd.analysis import problems, verify
+from coopsgd.analysis.exact import exact_expected_error
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
             verify.gradient_norms(algo, problem, eta, K, seeds)
             mc.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            verify.exact_expected_error(algo, problem, eta, K)
+            exact_expected_error(algo, problem, eta, K)
             exact.append(time.perf_counter() - t0)
         results[name] = {
             "check_bound_s": round(min(total), 3),

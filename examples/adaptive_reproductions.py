@@ -1,7 +1,7 @@
 """Small CPU reproductions of the adaptive algorithms' headline comparisons (docs/adaptive.md).
 
 Every run trains the bundled 8x8 digits MLP on m simulated workers with coopsgd's engine, times
-each round with coopsgd.runtime, and records the full training loss of the workers' averaged
+each round with coopsgd.sim.runtime, and records the full training loss of the workers' averaged
 model after every round. Five comparisons:
 
 - adacomm:  AdaComm vs fully synchronous SGD vs fixed-tau local SGD, loss vs simulated time
@@ -33,8 +33,10 @@ import numpy as np
 import optax
 
 import coopsgd
-from coopsgd import adaptive, batching, data, mixing, models, outer, runtime
-from coopsgd.engine import CooperativeSGD
+from coopsgd import CooperativeSGD, Stop, mixing
+from coopsgd.algorithms import adaptive, batching
+from coopsgd.app import data, models
+from coopsgd.sim import runtime
 
 M = 8
 BATCH = 16
@@ -64,37 +66,37 @@ class Task:
 
 
 def train(task: Task, algo, *, runtime_model, steps=None, until=None, overlap=False, lr=LR,
-          sampler=None, on_round=None):
-    """Round by round: run the round on the engine, time it, record the averaged model's loss.
+          sampler=None, observe=None):
+    """Round by round (a hook after every round): time the round, record the averaged model's loss.
 
-    ``on_round(k_end, stamps, metrics, trainer, state)`` is called after each round (adaptive
-    schedules observe there). Stops after ``steps`` steps or once simulated time reaches ``until``.
+    ``observe(end, stamps)`` is called after each round with the hook's ``RoundEnd`` and the
+    round's time stamps; it returns the state whose period has seen the round
+    (``trainer.observe``, the rule's ``observe`` on ``EngineState.period``). Stops after ``steps``
+    steps or once simulated time reaches ``until``. ``hist["rule"]`` is the period's final state.
     """
     trainer = CooperativeSGD(algo, optax.sgd(lr), task.loss)
     state = trainer.init(task.params0)
     clock = runtime_model.clock(algo.m)
     sampler = sampler or task.sampler(BATCH)
-    period = algo.period
     hist = {"step": [0], "time": [0.0], "loss": [task.averaged_loss(trainer, state)], "comms": [0]}
-    k, comms = 0, 0
-    while (steps is None or k < steps) and (until is None or clock.time < until):
-        r = period.round_index(k)
-        end = period.round_start(r + 1)
-        if steps is not None:
-            end = min(end, steps)
-        length = end - k
-        mixes = algo.communicates(end - 1)
-        traffic = runtime.mixing_traffic(algo.mixing_at(end - 1), task.param_bytes) if mixes else None
-        state, met = trainer.run(state, sampler.batches(k, length), length)
-        stamps = clock.round(k, length, traffic, overlap=overlap, round_index=r)
+    comms = 0
+
+    def on_round(end):
+        nonlocal comms
+        traffic = None
+        if end.mixed:
+            traffic = coopsgd.mixing_traffic(algo.mixing.at(end.round), task.param_bytes, algo.v)
+        stamps = clock.round(end.start, end.step - end.start, traffic, overlap=overlap, round_index=end.round)
         comms += int(traffic is not None and traffic.kind != "none")
-        k = end
-        hist["step"].append(k)
+        hist["step"].append(end.step)
         hist["time"].append(float(stamps[-1]))
-        hist["loss"].append(task.averaged_loss(trainer, state))
+        hist["loss"].append(task.averaged_loss(trainer, end.state))
         hist["comms"].append(comms)
-        if on_round is not None:
-            on_round(k, stamps, met, trainer, state)
+        state = end.state if observe is None else observe(end, stamps)
+        return Stop(state) if until is not None and clock.time >= until else state
+
+    state, _ = trainer.run(state, sampler.batch, steps if steps is not None else 2**31 - 1, hooks=[on_round])
+    hist["rule"] = state.period.rule
     return hist
 
 
@@ -136,20 +138,21 @@ def exp_adacomm(task: Task, out: str) -> dict:
     curves["sync SGD (tau=1)"] = train(task, coopsgd.fully_sync(M), runtime_model=rt, until=horizon)
     curves["local SGD tau=4"] = train(task, coopsgd.local_sgd(M, 4), runtime_model=rt, until=horizon)
     curves["local SGD tau=16"] = train(task, coopsgd.local_sgd(M, 16), runtime_model=rt, until=horizon)
-    sched = adaptive.adacomm(16, interval=horizon / 10)
-    algo = coopsgd.Algorithm(mixing.averaging(M), tau=sched, name="adacomm")
+    rule = adaptive.adacomm(16, interval=horizon / 10)
+    algo = coopsgd.Algorithm(mixing.averaging(M), tau=rule, name="adacomm")
 
-    def observe(k, stamps, met, trainer, state):
-        sched.observe(loss=task.averaged_loss(trainer, state), time=float(stamps[-1]))
+    def observe(end, stamps):
+        loss = task.averaged_loss(end.trainer, end.state)
+        return end.trainer.observe(end.state, loss=loss, time=float(stamps[-1]))
 
-    curves["AdaComm tau0=16"] = train(task, algo, runtime_model=rt, until=horizon, on_round=observe)
+    curves["AdaComm tau0=16"] = train(task, algo, runtime_model=rt, until=horizon, observe=observe)
     final_sync = curves["sync SGD (tau=1)"]["loss"][-1]
     target = final_sync
     table = {name: {"final_loss": round(h["loss"][-1], 4), "time_to_sync_final_loss": time_to(h, target),
                     "steps": h["step"][-1], "averagings": h["comms"][-1]} for name, h in curves.items()}
     t_sync, t_ada = table["sync SGD (tau=1)"]["time_to_sync_final_loss"], table["AdaComm tau0=16"]["time_to_sync_final_loss"]
     result = {"experiment": "adacomm", "target_loss": round(target, 4), "runs": table,
-              "adacomm_taus": [h["tau"] for h in sched.history],
+              "adacomm_taus": [h.tau for h in curves["AdaComm tau0=16"]["rule"].history],
               "speedup_vs_sync": None if not t_ada else round(t_sync / t_ada, 2)}
     plot(curves, "time", os.path.join(out, "adaptive_adacomm.png"),
          "AdaComm vs sync / local SGD (D = 2.5, E[Y] = 1.25)", "simulated wall-clock time")
@@ -164,20 +167,22 @@ def exp_adpsgd(task: Task, out: str) -> dict:
     lr = optax.piecewise_constant_schedule(0.1, {300: 0.1})
     curves = {f"constant tau={steps // budget}": train(task, coopsgd.local_sgd(M, steps // budget),
                                                          runtime_model=rt, steps=steps, lr=lr)}
-    sched = adaptive.adpsgd(5, steps, budget, max_growth=1.25)
-    algo = coopsgd.Algorithm(mixing.averaging(M), tau=sched, name="adpsgd")
+    rule = adaptive.adpsgd(5, steps, budget, max_growth=1.25)
+    algo = coopsgd.Algorithm(mixing.averaging(M), tau=rule, name="adpsgd")
 
-    def observe(k, stamps, met, trainer, state):
-        cons = np.asarray(met.consensus)
-        if len(cons) >= 2:  # the value before the round's last step, i.e. before the averaging
-            sched.observe(consensus=float(cons[-2]), steps=len(cons) - 1)
+    def observe(end, stamps):
+        cons = np.asarray(end.metrics.consensus)
+        if len(cons) < 2:
+            return end.state
+        # the value before the round's last step, i.e. before the averaging
+        return end.trainer.observe(end.state, consensus=float(cons[-2]), steps=len(cons) - 1)
 
-    curves["ADPSGD tau0=5"] = train(task, algo, runtime_model=rt, steps=steps, lr=lr, on_round=observe)
+    curves["ADPSGD tau0=5"] = train(task, algo, runtime_model=rt, steps=steps, lr=lr, observe=observe)
     table = {name: {"final_loss": round(h["loss"][-1], 4), "averagings": h["comms"][-1],
                     "mean_loss_last_100_steps": round(float(np.mean([l for s, l in zip(h["step"], h["loss"]) if s > steps - 100])), 4)}
              for name, h in curves.items()}
     result = {"experiment": "adpsgd", "steps": steps, "budget": budget, "runs": table,
-              "adpsgd_taus": [h["tau"] for h in sched.history]}
+              "adpsgd_taus": [h.tau for h in curves["ADPSGD tau0=5"]["rule"].history]}
     plot(curves, "step", os.path.join(out, "adaptive_adpsgd.png"),
          f"ADPSGD vs constant period (budget {budget} averagings, {steps} steps)", "local steps")
     plot(curves, "comms", os.path.join(out, "adaptive_adpsgd_comms.png"),
@@ -196,7 +201,7 @@ def exp_overlap(task: Task, out: str) -> dict:
                                                 until=horizon, overlap=True),
         "Overlap Local-SGD, lr / (1 - a)": train(task, coopsgd.overlap_local_sgd(M, 2, 0.6), runtime_model=rt,
                                                  until=horizon, overlap=True, lr=LR / 0.4),
-        "Overlap-M tau=2, a=0.6, b=0.7": train(task, outer.overlap_local_sgd_momentum(M, 2, 0.6, 0.7),
+        "Overlap-M tau=2, a=0.6, b=0.7": train(task, coopsgd.overlap_local_sgd_momentum(M, 2, 0.6, 0.7),
                                                runtime_model=rt, until=horizon, overlap=True),
     }
     target = curves["local SGD tau=2"]["loss"][-1]

@@ -2,7 +2,7 @@
 
 Uses the library directly (no command line): the bundled data split across workers, a Flax
 ``linen`` CNN whose parameter pytree the engine stacks once per worker, ``optax.sgd``, and
-:class:`coopsgd.engine.CooperativeSGD` running τ local steps between exact averagings
+:class:`coopsgd.CooperativeSGD` running τ local steps between exact averagings
 (Wang & Joshi, Cooperative SGD, arXiv:1808.07576). Any Flax model works the same way: pass its
 ``variables["params"]`` and a ``loss_fn(params, batch)``.
 
@@ -19,8 +19,8 @@ import numpy as np
 import optax
 
 import coopsgd
-from coopsgd import data, models
-from coopsgd.engine import CooperativeSGD
+from coopsgd import CooperativeSGD
+from coopsgd.app import data, models
 
 
 def main(argv=None) -> dict:

@@ -122,8 +122,8 @@ def simulate(steps: int, m: int = 8) -> dict:
     for name, algo in algorithms.items():
         trainer = coopsgd.CooperativeSGD(algo, optax.sgd(0.05), loss)
         state, metrics = trainer.run(trainer.init(init), batches, steps)
-        out[name] = {"w": np.asarray(state.params["w"]).tolist(),
-                     "b": np.asarray(state.params["b"]).tolist(),
+        cols = trainer.columns(state)
+        out[name] = {"w": np.asarray(cols["w"]).tolist(), "b": np.asarray(cols["b"]).tolist(),
                      "loss": np.asarray(metrics.loss).tolist()}
     return out
 

@@ -18,7 +18,8 @@ import sys
 import networkx as nx
 
 import coopsgd
-from coopsgd import problems, theory, topology, verify
+from coopsgd import topology
+from coopsgd.analysis import exact, problems, theory, verify
 
 
 def scan() -> int:
@@ -38,9 +39,9 @@ def scan() -> int:
                     for K in (20, 200):
                         for frac in (0.25, 0.6, 1.0):
                             eta = frac * eta_max
-                            exact = verify.exact_expected_error(algo, p, eta, K)
+                            value = exact.exact_expected_error(algo, p, eta, K)
                             bound = theory.bound_for(algo, L=L, sigma2=sigma2, f_gap=p.f_gap, eta=eta, K=K)
-                            ratios.append((exact / bound.total, algo.name, m, algo.tau, round(algo.zeta, 3),
+                            ratios.append((value / bound.total, algo.name, m, algo.tau, round(algo.zeta, 3),
                                            d, mu, sigma2, K, round(eta, 4)))
     ratios.sort(reverse=True)
     print(f"{len(ratios)} configurations; {sum(r[0] > 1 for r in ratios)} above the bound; largest ratios:")

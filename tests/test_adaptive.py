@@ -455,6 +455,20 @@ def _next_report(rule, state):
 RULES = pytest.mark.parametrize("make", [_adacomm_rule, _adpsgd_rule], ids=["AdaComm", "ADPSGD"])
 
 
+def test_floor_raise_persists_without_observations():
+    # adpsgd(3, 100, 7) with g = 1: the pace floor ceil(100 / (2·7)) = 8 and the feasibility floor
+    # ceil(100 / 7) = 15 raise tau to 15 at round 0; the raise is recorded when the round begins,
+    # so with nothing observed the rounds are 15 × 6, the last one cut to the horizon (10), and
+    # rounds after the horizon keep 15.
+    rule = adpsgd(3, 100, 7, max_growth=1.0)
+    algo = coopsgd.Algorithm(mixing.averaging(2), tau=rule)
+    trainer = coopsgd.CooperativeSGD(algo, optax.sgd(0.1), lambda p, b: jnp.sum((p["w"] - b) ** 2))
+    state, metrics = trainer.run(trainer.init({"w": jnp.zeros(2)}), np.zeros((130, 2, 2), np.float32), 130)
+    ends = np.flatnonzero(np.asarray(metrics.communicated)) + 1
+    assert np.diff(np.concatenate([[0], ends])).tolist() == [15] * 6 + [10, 15, 15]
+    assert state.period.rule.averagings == 7
+
+
 class TestStateIsAValue:
     @RULES
     def test_json_round_trip(self, make):

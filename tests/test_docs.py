@@ -44,3 +44,20 @@ def test_algorithms_md_table_zetas():
     assert round(coopsgd.dpsgd(topology.by_name("ring", 8), "best_constant").zeta, 4) == 0.7445
     assert round(coopsgd.dpsgd(topology.by_name("exponential", 8)).zeta, 4) == 0.3333
     assert round(coopsgd.Algorithm(schedules.one_peer_exponential(8)).zeta, 4) == 0.8389
+
+
+def _python_blocks(page: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S)
+
+
+@pytest.mark.parametrize("index", range(len(_python_blocks("engine.md"))))
+def test_engine_md_blocks_run_as_written(index):
+    code = _python_blocks("engine.md")[index]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, f"docs/engine.md block {index}", "exec"), {"__name__": "docs_example"})
+    if "Stop()" in code:  # the hooks example: called at 10, 20, 30 and stopped there
+        assert [line.split(":")[0] for line in out.getvalue().splitlines()[:3]] == ["step 10", "step 20", "step 30"]
+        assert out.getvalue().splitlines()[-1] == "30"
+    if "counting_average" in code:
+        assert out.getvalue().strip() == "3"

@@ -14,7 +14,7 @@ from coopsgd.algorithms.easgd import easgd_matrix
 from coopsgd.algorithms.outer import global_momentum_matrix
 from coopsgd.algorithms.overlap import overlap_m_matrix, overlap_matrix
 from coopsgd.core import mixing, spectral
-from coopsgd.core.operator import DENSE_LIMIT, MixingMatrix, as_operator
+from coopsgd.core.operator import DENSE_LIMIT, as_operator
 from coopsgd.parallel import plan as plans
 
 

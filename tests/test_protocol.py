@@ -9,6 +9,7 @@ each worker also keeps its last deviation ``x_i − x̄`` (per-worker state).
 """
 import jax
 import jax.numpy as jnp
+import networkx as nx
 import numpy as np
 import optax
 import pytest
@@ -248,3 +249,27 @@ def test_optimizer_sync_is_a_seam():
             w, b = np.tile(w.mean(0), (m, 1)), np.full(m, b.mean())
             vw, vb = np.zeros_like(vw), np.zeros_like(vb)
     np.testing.assert_allclose(np.asarray(state.params["w"]), w, rtol=1e-5, atol=1e-5)
+
+
+def test_pure_round_functions_inside_your_own_jit():
+    # The pieces the trainer compiles, called from a user's own jitted step, give its numbers.
+    from coopsgd.parallel import engine
+
+    m, tau, steps = 4, 2, 6
+    algo = coopsgd.decentralized_periodic(nx.cycle_graph(m), tau)
+    trainer = coopsgd.CooperativeSGD(algo, optax.sgd(LR, momentum=0.9), loss_fn)
+    batches = make_batches(steps, m, seed=34)
+    ref, _ = trainer.run(trainer.init(INIT), batches, steps)
+    spec, axis, mixing = trainer.spec, coopsgd.WorkerAxis(m), trainer.mixing(0)
+
+    @jax.jit
+    def my_step(x, o, s, k, key, batch, mixes):
+        x, o, _, _ = engine.local_step(spec, axis, x, o, k, key, batch)
+        mixed = engine.mix(spec, axis, x, o, s, coopsgd.MixRound(mixing.static, mixing.args, mixing.moves), True)
+        return jax.tree.map(lambda a, b: jnp.where(mixes, a, b), mixed, (x, o, s))
+
+    state = trainer.init(INIT)
+    x, o, s = state.params, state.opt_state, state.mix_state
+    for k in range(steps):
+        x, o, s = my_step(x, o, s, k, state.key, jax.tree.map(lambda b: b[k], batches), (k + 1) % tau == 0)
+    np.testing.assert_allclose(np.asarray(x["w"]), np.asarray(ref.params["w"]), rtol=1e-6, atol=1e-7)

@@ -22,7 +22,7 @@ built only when asked for (and refused beyond :data:`DENSE_LIMIT` columns, namin
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Literal
 
 import numpy as np
@@ -464,6 +464,7 @@ def as_operator(w, v: int = 0, name: str = "W") -> MixingMatrix:
     return MixingMatrix.from_blocks(ww, *blocks)
 
 
+@lru_cache(maxsize=64)
 def identity(n: int, v: int = 0) -> MixingMatrix:
     """I_n (the last ``v`` columns auxiliary): nothing moves."""
     m = n - v

@@ -38,6 +38,13 @@ def require_int(name: str, value, minimum: int, maximum: int | None = None) -> i
     return int(value)
 
 
+def _as_float(name: str, value, why: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number{why}, got {value!r}") from None
+
+
 def require_number(name: str, value, *, positive: bool = False, rule: str = "") -> float:
     """``value`` as a finite float, ``> 0`` if ``positive`` else ``>= 0``; ``rule`` says what it is.
 
@@ -46,10 +53,7 @@ def require_number(name: str, value, *, positive: bool = False, rule: str = "") 
         0.0
     """
     why = f" ({rule})" if rule else ""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number{why}, got {value!r}") from None
+    x = _as_float(name, value, why)
     if isinstance(value, bool) or not math.isfinite(x) or x < 0 or (positive and x == 0):
         raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}{why}, got {value!r}")
     return x
@@ -63,10 +67,7 @@ def require_fraction(name: str, value, *, rule: str = "", open_low: bool = False
         0.9
     """
     why = f" ({rule})" if rule else ""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number{why}, got {value!r}") from None
+    x = _as_float(name, value, why)
     if not (0.0 <= x < 1.0) or (open_low and x == 0.0):
         raise ValueError(f"{name} must lie in {'(' if open_low else '['}0, 1){why}, got {name} = {value!r}")
     return x

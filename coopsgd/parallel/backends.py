@@ -1,7 +1,7 @@
 """Layouts of the worker axis: simulated on one device, ``jax.pmap``, or ``jax.shard_map`` on a mesh.
 
 The per-device computation (τ local steps and one mixing) is written once in
-:mod:`coopsgd.parallel.round`; a backend decides where the state lives and how the program is
+:mod:`coopsgd.parallel.engine`; a backend decides where the state lives and how the program is
 launched:
 
 - ``"simulate"``: all m workers on one device, a ``vmap`` axis; any m.

@@ -33,7 +33,7 @@ from coopsgd.parallel import engine as _engine
 from coopsgd.parallel.batches import BatchSource, check_leading, check_loss
 from coopsgd.parallel.collectives import WorkerAxis
 from coopsgd.parallel.linear import linear
-from coopsgd.parallel.protocol import Mixer, MixerError, MixRound, check_mixer, optimizer_sync
+from coopsgd.parallel.protocol import Mixer, MixRound, check_mixer, optimizer_sync
 from coopsgd.parallel.state import EngineState, NonFiniteError, PeriodState, StepMetrics
 
 __all__ = ["CooperativeSGD", "Hook", "RoundEnd", "Stop"]
@@ -145,6 +145,7 @@ class CooperativeSGD:
         self.donate = bool(donate)
         self._programs: dict = {}
         self._args_cache: OrderedDict = OrderedDict()
+        self._moves_cache: dict = {}
         self._checked_batches: set = set()
 
     # ------------------------------------------------------------------ rounds and their cost
@@ -258,13 +259,19 @@ class CooperativeSGD:
                 self._args_cache.popitem(last=False)
         return self._args_cache[key][1]
 
+    def _moves(self, pattern: tuple):
+        """The rounds' ``moves`` flags as a placed array (few distinct patterns: cached)."""
+        if pattern not in self._moves_cache:
+            self._moves_cache[pattern] = self.backend.replicate(jnp.asarray(np.array(pattern, bool)))
+        return self._moves_cache[pattern]
+
     def _check_batch(self, batches, params_spec):
         """Leading axes (steps, m) and the loss on one worker's slice, once per batch signature."""
-        single = jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape)[2:], x.dtype), batches)
-        sig = str(jax.tree.structure(single)) + str(jax.tree.leaves(
-            jax.tree.map(lambda x: (x.shape, str(x.dtype)), single)))
+        leaves, treedef = jax.tree.flatten(batches)
+        sig = (treedef, tuple((tuple(x.shape)[2:], np.dtype(x.dtype)) for x in leaves))
         if sig in self._checked_batches:
             return
+        single = jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape)[2:], x.dtype), batches)
         check_loss(self.loss_fn, params_spec, single, has_aux=self.has_aux, with_rng=self.with_rng)
         self._checked_batches.add(sig)
 
@@ -283,7 +290,7 @@ class CooperativeSGD:
         program = self._program(rounds, length, mixes, static, bool(mixes and moves.any()))
         params, opt, mix_state, step, count, s = program(
             state.params, state.opt_state, state.mix_state, state.step, state.rounds, state.key,
-            self.backend.place_batches(batches), args, self.backend.replicate(jnp.asarray(moves)))
+            self.backend.place_batches(batches), args, self._moves(tuple(moves.tolist())))
         communicated = np.zeros(rounds * length, bool)
         if mixes:
             communicated[length - 1:: length] = moves

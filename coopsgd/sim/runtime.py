@@ -21,7 +21,6 @@ its two floats exactly.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 import numpy as np
 

@@ -2,11 +2,10 @@
 
 Keys (every one optional; see ``coopsgd.app.config.DEFAULTS`` and docs/cli.md)::
 
-    algorithm = "local_sgd"    # fully_sync, local_sgd, easgd, dpsgd, decentralized_periodic,
-                               # overlap_local_sgd, matcha, adacomm
+    algorithm = "local_sgd"    # any name of the registry (coopsgd.app.registry; docs/algorithms.md)
     workers = 8
     tau = 8
-    topology = "ring"          # for dpsgd, decentralized_periodic, matcha
+    topology = "ring"          # for the graph algorithms
     weights = "metropolis"
     steps = 400
     batch_size = 16
