@@ -1,12 +1,14 @@
 """Scale: ring D-PSGD and local SGD from 256 to 65,536 simulated workers, d = 1,000 parameters each.
 
 For every (algorithm, m) a fresh process builds the algorithm, the trainer and the initial state,
-compiles, and times ``--repeats`` calls of ``--steps`` steps; it reports the build time, the
+compiles, and times ``--repeats`` calls of ``--steps`` steps (by default about 2^20 worker-steps
+per call, so that small m are not timer noise); it reports the build time, the
 state's bytes, the peak resident memory (``ru_maxrss``, the whole process: interpreter, JAX
 runtime and compiler included) beside the resident memory after the imports, the median time per
 worker per step, and for the ring ζ against its closed form ``1/3 + (2/3) cos(2π/m)``. The same
-math written by hand as one ``lax.scan`` (donated buffers, ``jnp.roll`` for the ring, a ones-vector
-matvec for the average) runs in its own process right after, so the two are measured side by side.
+math written by hand as one ``lax.scan`` (donated buffers; the ring as per-worker coefficient
+vectors times ``jnp.roll``, the average as a ones-vector matvec: the fastest forms found) runs in
+its own process right after, so the two are measured side by side.
 
 The engine runs as a user at scale would configure it: plain SGD, ``track_consensus=False``,
 ``donate=True``. The loss is ``½‖x_i − b_i‖²`` with one scalar target per worker and step, so the
@@ -18,7 +20,7 @@ keeps XLA's default.
 
 Prints one JSON document. Example::
 
-    python benchmarks/scale.py                       # all sizes, both algorithms (≈ 2 min)
+    python benchmarks/scale.py                       # all sizes, both algorithms (≈ 4 min)
     python benchmarks/scale.py --sizes 256,65536 --repeats 5
 """
 
@@ -91,10 +93,14 @@ def child(contender: str, algorithm: str, m: int, d: int, steps: int, repeats: i
             return x - 0.1 * g, jnp.sum(g * g, axis=1)
 
         if algorithm == "dpsgd_ring":
+            # the fastest form found on XLA:CPU: one coefficient per worker and shift (2268 against
+            # 3014-3060 ns per worker-step for (x + roll + roll)/3 and its variants, m = 16,384)
+            third = jnp.full((m, 1), 1.0 / 3.0, jnp.float32)
+
             def program(x, bs):
                 def step(x, b):
                     x, loss = body(x, b)
-                    return (x + jnp.roll(x, 1, 0) + jnp.roll(x, -1, 0)) / 3.0, loss
+                    return third * x + third * jnp.roll(x, -1, 0) + third * jnp.roll(x, 1, 0), loss
                 return lax.scan(step, x, bs)
         else:
             def program(x, bs):
@@ -132,10 +138,17 @@ def child(contender: str, algorithm: str, m: int, d: int, steps: int, repeats: i
     return out
 
 
+def _steps(args, m: int) -> int:
+    """Steps per timed call: the given ``--steps``, or about 2^20 worker-steps (16 to 256)."""
+    if args.steps:
+        return args.steps
+    return min(256, max(16, 4 * -(-(2**20) // (4 * m))))
+
+
 def _run_child(args, contender: str, algorithm: str, m: int) -> dict:
     env = dict(os.environ)
     command = [sys.executable, __file__, "--child", contender, algorithm, str(m), "--d", str(args.d),
-               "--steps", str(args.steps), "--repeats", str(args.repeats)]
+               "--steps", str(_steps(args, m)), "--repeats", str(args.repeats)]
     if args.threads == 1:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                             "intra_op_parallelism_threads=1").strip()
@@ -149,8 +162,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="256,1024,4096,16384,65536", help="worker counts m (comma-separated)")
     p.add_argument("--d", type=int, default=1000, help="parameters per worker (default 1000)")
-    p.add_argument("--steps", type=int, default=16, help="steps per timed call (a multiple of 4)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per size; the median is kept")
+    p.add_argument("--steps", type=int, default=0,
+                   help="steps per timed call, a multiple of 4 (default: about 2^20 worker-steps per call, 16 to 256)")
+    p.add_argument("--repeats", type=int, default=7, help="timed calls per size; the median is kept")
     p.add_argument("--threads", type=int, default=1, choices=(0, 1), help="1: one XLA thread on one core; 0: default")
     p.add_argument("--child", nargs=3, metavar=("CONTENDER", "ALGORITHM", "M"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

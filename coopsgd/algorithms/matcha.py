@@ -43,6 +43,8 @@ __all__ = [
     "activation_probabilities",
     "algebraic_connectivity",
     "expected_laplacian_moments",
+    "expected_gram",
+    "contraction",
     "best_alpha",
 ]
 
@@ -148,11 +150,17 @@ def expected_laplacian_moments(laplacians: np.ndarray, probabilities: np.ndarray
     return mean, second
 
 
-def _contraction(alpha: float, mean: np.ndarray, second: np.ndarray) -> float:
-    """``‖E[WᵀW] − J‖₂`` for ``W = I − αL``: ``E[W²] = I − 2α E[L] + α² E[L²]`` (W symmetric)."""
+def expected_gram(alpha: float, mean: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """``E[WᵀW] = I − 2α E[L] + α² E[L²]`` for the symmetric ``W = I − αL`` (MATCHA,
+    arXiv:1905.09435), from the moments of :func:`expected_laplacian_moments`."""
+    return np.eye(len(mean)) - 2.0 * alpha * mean + alpha**2 * second
+
+
+def contraction(alpha: float, mean: np.ndarray, second: np.ndarray) -> float:
+    """``ρ(α) = ‖E[WᵀW] − J‖₂``: the largest eigenvalue modulus of the symmetric
+    ``expected_gram(α, …) − J``."""
     n = len(mean)
-    gram = np.eye(n) - 2.0 * alpha * mean + alpha**2 * second
-    return float(np.max(np.abs(np.linalg.eigvalsh(gram - np.full((n, n), 1.0 / n)))))
+    return float(np.max(np.abs(np.linalg.eigvalsh(expected_gram(alpha, mean, second) - np.full((n, n), 1.0 / n)))))
 
 
 def best_alpha(laplacians: np.ndarray, probabilities: np.ndarray, *, tol: float = 1e-10) -> tuple[float, float]:
@@ -169,23 +177,23 @@ def best_alpha(laplacians: np.ndarray, probabilities: np.ndarray, *, tol: float 
     """
     mean, second = expected_laplacian_moments(laplacians, probabilities)
     hi = 1.0
-    while _contraction(hi, mean, second) < 1.0 and hi < 1e6:
+    while contraction(hi, mean, second) < 1.0 and hi < 1e6:
         hi *= 2.0
     lo = 0.0
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = _contraction(a, mean, second), _contraction(b, mean, second)
+    fa, fb = contraction(a, mean, second), contraction(b, mean, second)
     while hi - lo > tol:
         if fa <= fb:
             hi, b, fb = b, a, fa
             a = hi - ratio * (hi - lo)
-            fa = _contraction(a, mean, second)
+            fa = contraction(a, mean, second)
         else:
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
-            fb = _contraction(b, mean, second)
+            fb = contraction(b, mean, second)
     alpha = 0.5 * (lo + hi)
-    return alpha, _contraction(alpha, mean, second)
+    return alpha, contraction(alpha, mean, second)
 
 
 def _check_budget(budget) -> float:
@@ -325,8 +333,7 @@ class MatchaSchedule(schedules.MixingSchedule):
 
     def expected_gram(self) -> np.ndarray:
         """``E[W^(r)ᵀ W^(r)] = I − 2α E[L] + α² E[L²]`` exactly (MATCHA, arXiv:1905.09435)."""
-        mean, second = expected_laplacian_moments(self.laplacians, self.probabilities)
-        return np.eye(self.n) - 2.0 * self.alpha * mean + self.alpha**2 * second
+        return expected_gram(self.alpha, *expected_laplacian_moments(self.laplacians, self.probabilities))
 
     def __repr__(self) -> str:
         return (

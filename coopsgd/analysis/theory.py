@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from coopsgd.algorithms import matcha as _matcha
 from coopsgd.core import spectral
 from coopsgd.core.operator import as_operator
 from coopsgd.core.validate import require_int as _integer
@@ -374,7 +375,8 @@ def matching_contraction(laplacians: Sequence[np.ndarray], probabilities, alpha)
     """``‖E[WᵀW] − J‖₂`` for MATCHA's ``W = I − α Σ_j B_j L_j`` with independent ``B_j ~ Bernoulli(p_j)``.
 
     Exact: W is symmetric, so ``E[WᵀW] = I − 2α E[L] + α² E[L²]`` with ``E[L] = Σ p_j L_j`` and
-    ``E[L²] = E[L]² + Σ_j p_j (1 − p_j) L_j²`` (``= E[L]² + 2 Σ p_j(1 − p_j) L_j`` for matchings).
+    ``E[L²] = E[L]² + Σ_j p_j (1 − p_j) L_j² = E[L]² + 2 Σ p_j(1 − p_j) L_j`` (matchings:
+    ``L_j² = 2 L_j``) — :func:`coopsgd.algorithms.matcha.contraction`, the one implementation.
 
     References:
         Wang, Sahu, Yang, Joshi & Kar, "MATCHA", arXiv:1905.09435, §3 and Theorem 1 [code].
@@ -386,14 +388,12 @@ def matching_contraction(laplacians: Sequence[np.ndarray], probabilities, alpha)
     for j, lap in enumerate(laps):
         if lap.shape != (n, n) or not np.allclose(lap, lap.T) or not np.allclose(lap.sum(axis=0), 0):
             raise ValueError(f"laplacians[{j}] must be a symmetric {n} x {n} Laplacian (columns sum to 0)")
+        if not np.allclose(lap @ lap, 2.0 * lap):
+            raise ValueError(f"laplacians[{j}] must be a matching's Laplacian (L² = 2L: no node in two edges)")
     p = np.asarray(probabilities, dtype=np.float64)
     if p.shape != (len(laps),) or np.any(~np.isfinite(p)) or np.any(p < 0) or np.any(p > 1):
         raise ValueError(f"probabilities must be {len(laps)} numbers in [0, 1], got {probabilities!r}")
-    alpha = float(alpha)
-    mean_l = sum(pj * lap for pj, lap in zip(p, laps))
-    second = mean_l @ mean_l + sum(pj * (1 - pj) * lap @ lap for pj, lap in zip(p, laps))
-    gram = np.eye(n) - 2.0 * alpha * mean_l + alpha**2 * second
-    return float(np.linalg.norm(gram - np.full((n, n), 1.0 / n), 2))
+    return _matcha.contraction(float(alpha), *_matcha.expected_laplacian_moments(np.stack(laps), p))
 
 
 def effective_zeta(w) -> float:

@@ -268,7 +268,7 @@ class CooperativeSGD:
     def _check_batch(self, batches, params_spec):
         """Leading axes (steps, m) and the loss on one worker's slice, once per batch signature."""
         leaves, treedef = jax.tree.flatten(batches)
-        sig = (treedef, tuple((tuple(x.shape)[2:], np.dtype(x.dtype)) for x in leaves))
+        sig = (treedef, tuple((tuple(x.shape)[2:], x.dtype) for x in leaves))
         if sig in self._checked_batches:
             return
         single = jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape)[2:], x.dtype), batches)
