@@ -41,8 +41,9 @@ __all__ = ["CooperativeSGD", "Hook", "RoundEnd", "Stop"]
 
 class RoundEnd(NamedTuple):
     """What a hook sees: the state after a round end (or the end of ``run``), the metrics of the
-    steps ``start … step − 1`` since the hook's previous call, the index of the round that just
-    ended, and whether it ended with a mixing (False only at the end of a run mid-round)."""
+    steps ``start … step − 1`` since the hook's previous call, the index of the round step
+    ``step − 1`` belongs to, and whether that round just ended with its mixing (False only at the
+    end of a run mid-round)."""
 
     trainer: Any
     state: EngineState
@@ -389,7 +390,7 @@ class CooperativeSGD:
                 if not (last or (mixes and (h.every is None or k // h.every > start_step // h.every))):
                     continue
                 since = _concat(pieces[start_index:])
-                result = h.fn(RoundEnd(self, state, since, start_step, k, r - 1, mixes))
+                result = h.fn(RoundEnd(self, state, since, start_step, k, r - 1 if mixes else r, mixes))
                 marks[i] = (len(pieces), k)
                 if isinstance(result, Stop):
                     stop, state = True, result.state if result.state is not None else state
