@@ -4,7 +4,7 @@
 
 Prints JSON: wall-clock seconds of ``coopsgd.analysis.verify.check_bound`` end to end (engine
 build, compile, the vmapped run of all seeds, the exact recursion), of the Monte-Carlo part alone,
-and of the exact recursion alone, for local SGD (τ = 4) and D-PSGD on a ring. Target (issue 4):
+and of the exact recursion alone, for local SGD (τ = 4) and D-PSGD on a ring. Target:
 ≤ 10 s per check on a 2-core CPU. Timings are reported, never asserted in tests.
 """
 

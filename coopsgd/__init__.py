@@ -29,7 +29,8 @@ from coopsgd.parallel.linear import linear, mix
 from coopsgd.parallel.plan import mixing_traffic, tree_bytes
 from coopsgd.parallel.protocol import Mixer, MixerState, MixRound, OptimizerSync
 from coopsgd.parallel.state import EngineState, NonFiniteError, PeriodState, StepMetrics
-from coopsgd.parallel.trainer import CooperativeSGD, Hook, RoundEnd, Stop
+from coopsgd.parallel.hooks import Hook, RoundEnd, Stop
+from coopsgd.parallel.trainer import CooperativeSGD
 from coopsgd.analysis.theory import bound_for, cooperative_bound
 from coopsgd.analysis.verify import check_bound
 from coopsgd.analysis.exact import exact_expected_error

@@ -228,5 +228,5 @@ def test_random_schedule_sends_only_active_matchings():
         # ppermute); matching {(1,2), …, (15,0)} crosses to both neighbouring devices (two).
         expected = 2 if any(perm[1] == 2 for perm in plan.slots) else 0
         assert ops["collective-permute"] == expected and ops["all-reduce"] == 0
-        assert t.mixing(r).moves == (count > 0)
+        assert t.mix_round(r).moves == (count > 0)
         assert t.communication(100.0, r).neighbour_slots == count

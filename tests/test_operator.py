@@ -147,3 +147,35 @@ def test_trainer_at_65536_workers_is_the_ring_update():
     x = 0.5 * targets
     expect = (np.roll(x, 1) + x + np.roll(x, -1)) / 3
     np.testing.assert_allclose(np.asarray(state.params["w"])[:, 0], expect, rtol=1e-5)
+
+
+def test_edges_of_the_operator():
+    ring = mixing.metropolis(nx.cycle_graph(DENSE_LIMIT + 8))
+    with pytest.raises(IndexError, match="out of bounds"):
+        ring[0, DENSE_LIMIT + 8]
+    assert ring[0, -1] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="v = 3 auxiliary columns do not fit a 2 x 2"):
+        as_operator(np.eye(2), v=3)
+    ov = overlap_matrix(3, 0.5)
+    assert (ov @ ov).v == 1
+    np.testing.assert_allclose(np.asarray(ov @ ov), np.asarray(ov) @ np.asarray(ov), atol=1e-12)
+    eye = coopsgd.core.operator.identity(4)
+    with pytest.raises(ValueError, match="read-only"):
+        eye.worker_block().data[:] = 2.0  # the cached identity cannot be corrupted
+    # small non-symmetric, non-circulant W: the structural path falls back to the exact solver
+    w = np.array([[0.5, 0.2, 0.0, 0.1], [0.5, 0.6, 0.3, 0.0], [0.0, 0.2, 0.4, 0.2], [0.0, 0.0, 0.3, 0.7]])
+    assert spectral.zeta(w, method="structure") == pytest.approx(spectral.zeta(w, method="dense"))
+
+
+def test_cycle_contraction_in_closed_form():
+    m = 64
+    ring = mixing.metropolis(nx.cycle_graph(m))
+    for cycle in ([ring, mixing.lazy(ring)], [mixing.averaging(m), np.eye(m)], [ring]):
+        schedule = coopsgd.schedules.cyclic(cycle)
+        assert spectral.cycle_contraction(schedule.cycle) == pytest.approx(
+            spectral.norm_minus_averaging(schedule.expected_gram()), abs=1e-12)
+    big = mixing.metropolis(nx.cycle_graph(M))
+    algo = coopsgd.Algorithm(coopsgd.schedules.cyclic([big, mixing.lazy(big)]))
+    # E|λ_k|² over the pair at k = 1: (λ² + ((1 + λ)/2)²)/2 with λ = 1/3 + (2/3) cos(2π/m)
+    lam = 1 / 3 + 2 / 3 * math.cos(2 * math.pi / M)
+    assert algo.zeta == pytest.approx(math.sqrt((lam**2 + ((1 + lam) / 2) ** 2) / 2), abs=1e-12)

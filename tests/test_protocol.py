@@ -260,12 +260,12 @@ def test_pure_round_functions_inside_your_own_jit():
     trainer = coopsgd.CooperativeSGD(algo, optax.sgd(LR, momentum=0.9), loss_fn)
     batches = make_batches(steps, m, seed=34)
     ref, _ = trainer.run(trainer.init(INIT), batches, steps)
-    spec, axis, mixing = trainer.spec, coopsgd.WorkerAxis(m), trainer.mixing(0)
+    spec, axis, mixing = trainer.spec, coopsgd.WorkerAxis(m), trainer.mix_round(0)
 
     @jax.jit
     def my_step(x, o, s, k, key, batch, mixes):
         x, o, _, _ = engine.local_step(spec, axis, x, o, k, key, batch)
-        mixed = engine.mix(spec, axis, x, o, s, coopsgd.MixRound(mixing.static, mixing.args, mixing.moves), True)
+        mixed = engine.round_end(spec, axis, x, o, s, coopsgd.MixRound(mixing.static, mixing.args, mixing.moves), True)
         return jax.tree.map(lambda a, b: jnp.where(mixes, a, b), mixed, (x, o, s))
 
     state = trainer.init(INIT)
@@ -273,3 +273,23 @@ def test_pure_round_functions_inside_your_own_jit():
     for k in range(steps):
         x, o, s = my_step(x, o, s, k, state.key, jax.tree.map(lambda b: b[k], batches), (k + 1) % tau == 0)
     np.testing.assert_allclose(np.asarray(x["w"]), np.asarray(ref.params["w"]), rtol=1e-6, atol=1e-7)
+
+
+def test_a_stopped_run_still_gives_every_hook_its_last_call():
+    m = 2
+    trainer = coopsgd.CooperativeSGD(coopsgd.local_sgd(m, 1), optax.sgd(LR), loss_fn)
+    calls = []
+    hooks = [coopsgd.Hook(lambda end: calls.append(("every 100", end.step)), every=100),
+             lambda end: coopsgd.Stop() if end.step == 3 else None,
+             coopsgd.Hook(lambda end: calls.append(("every 50", end.step)), every=50)]
+    state, _ = trainer.run(trainer.init(INIT), make_batches(10, m), 10, hooks=hooks)
+    assert int(state.step) == 3 and calls == [("every 100", 3), ("every 50", 3)]  # in their order
+
+
+def test_with_columns_takes_the_n_columns_of_a_linear_w_with_an_anchor():
+    trainer = coopsgd.CooperativeSGD(coopsgd.easgd(4), optax.sgd(LR), loss_fn)
+    state = trainer.init(INIT)
+    cols = {"w": np.arange(15, dtype=np.float32).reshape(5, 3), "b": np.arange(5, dtype=np.float32)}
+    state = trainer.with_columns(state, cols)
+    np.testing.assert_array_equal(np.asarray(trainer.columns(state)["w"]), cols["w"])
+    np.testing.assert_array_equal(np.asarray(state.mix_state.shared["w"]), cols["w"][4:])  # the anchor

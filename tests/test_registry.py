@@ -76,3 +76,29 @@ def test_every_algorithm_runs_steps_checkpoints_and_agrees_across_backends(name,
             for a, b in zip(jax.tree.leaves(dev.columns(dev_state)), jax.tree.leaves(trainer.columns(ran))):
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
             assert np.asarray(dev_metrics.communicated).tolist() == np.asarray(metrics.communicated).tolist()
+
+
+def test_an_algorithm_with_its_own_mixer_is_one_registration(monkeypatch, tmp_path):
+    """A nonlinear algorithm reaches compare/train by one Entry: its Algorithm carries its mixer's
+    factory, and nothing else in the application changes."""
+    from test_protocol import momentum_mixer
+
+    from coopsgd.app import experiment
+
+    def factory(ctx):
+        m = ctx.cfg["workers"]
+        return coopsgd.Algorithm(coopsgd.mixing.averaging(m), tau=ctx.cfg["tau"], name="momentum",
+                                 mixer=lambda algo, devices: momentum_mixer(algo.m))
+
+    monkeypatch.setitem(registry.REGISTRY, "momentum",
+                        registry.Entry("momentum", "global momentum on the average (a test mixer)", factory,
+                                       {"tau": None}, theory=False))
+    cfg = config.make_config({"algorithm": "momentum", "workers": 4, "tau": 4, "steps": 16, "eval_every": 8,
+                              "out": str(tmp_path)})
+    result = experiment.run(cfg)
+    assert result.trainer.mixer.name == "test momentum"
+    assert result["summary"]["comm_rounds"] == 4  # 16 steps, a mixing every 4
+    assert result["summary"]["bytes_communicated"] > 0  # the mixer's own traffic account
+    shared = result.trainer.backend.shared(result.state.mix_state.shared)
+    np.testing.assert_allclose(np.asarray(jax.tree.leaves(shared["anchor"])[0]),
+                               np.asarray(jax.tree.leaves(result.trainer.workers(result.state))[0])[0], rtol=1e-6)

@@ -91,3 +91,66 @@ class TestMixingSchedules:
         sched = schedules.cyclic([mixing.averaging(4), np.eye(4)])
         assert sched.contraction() == pytest.approx(0.5)
         assert coopsgd.Algorithm(sched).zeta == pytest.approx(0.5**0.5)
+
+
+class TestStructure:
+    def test_cyclic_keeps_auxiliary_columns(self):
+        easgd = coopsgd.easgd(3)
+        algo = coopsgd.Algorithm(schedules.cyclic([np.asarray(easgd.W)] * 2), v=1)
+        assert algo.mixing.v == 1 and algo.mixing_at(0).v == 1 and algo.mixing_at(0).m == 3
+
+    def test_a_random_schedule_is_not_taken_as_symmetric(self):
+        class Directed(schedules.MixingSchedule):
+            n, support = 3, np.ones((3, 3))
+
+            def at(self, r):
+                return np.array([[0.5, 0.0, 0.5], [0.5, 0.5, 0.0], [0.0, 0.5, 0.5]])
+
+        assert not Directed().symmetric
+
+    def test_random_switch_between_averaging_and_identity_runs(self):
+        # a full support is planned as the general (dense) mixing, whatever W each round draws
+        import optax
+
+        from coopsgd.parallel import plan as plans
+
+        class Switch(schedules.MixingSchedule):
+            n, support = 4, np.ones((4, 4))
+
+            def at(self, r):
+                return mixing.averaging(4) if r % 2 else np.eye(4)
+
+        assert plans.plan_for_support(mixing.averaging(4), 4).kind == "dense"
+        trainer = coopsgd.CooperativeSGD(coopsgd.Algorithm(Switch()), optax.sgd(0.1),
+                                         lambda p, b: ((p - b) ** 2).sum())
+        state, metrics = trainer.run(trainer.init(np.zeros(2, np.float32)),
+                                     np.arange(8, dtype=np.float32).reshape(2, 4, 1) * np.ones(2), 2)
+        assert np.asarray(metrics.communicated).tolist() == [False, True]
+        # by hand: step 0 gives 0.2·b₀ = 0.2·i (W = I), step 1 gives 0.8·0.2·i + 0.2·(4 + i), then J
+        np.testing.assert_allclose(np.asarray(state.params)[:, 0], 0.16 * 1.5 + 0.2 * 5.5, rtol=1e-6)
+
+
+def test_a_users_adaptive_rule_restores_from_json():
+    import json
+    from typing import NamedTuple
+
+    class GrowState(NamedTuple):
+        tau: int
+        seen: tuple = ()
+
+    class Grow(schedules.AdaptivePeriod):
+        def __init__(self):
+            super().__init__("grow")
+
+        def init(self):
+            return GrowState(1)
+
+        def tau(self, state, start, index):
+            return state.tau
+
+        def observe(self, state, **report):
+            return GrowState(state.tau + 1, state.seen + ((report["start"], report["tau"]),))
+
+    rule = Grow()
+    state = rule.observe(rule.observe(rule.init(), start=0, tau=1), start=1, tau=2)
+    assert rule.restore(json.loads(json.dumps(state._asdict()))) == state

@@ -45,15 +45,6 @@ _CEIL_SLACK = 1e-9
 that integer, not the next one."""
 
 
-def _finite(name: str, value, *, positive: bool, rule: str) -> float:
-    return require_number(name, value, positive=positive, rule=rule)
-
-
-def _tuples(x):
-    """JSON lists back to tuples (a restored state compares equal to the saved one)."""
-    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
-
-
 def _position(rule: str, start, index, tau) -> tuple[int, int, int]:
     if start is None or index is None or tau is None:
         raise ValueError(
@@ -87,10 +78,10 @@ def adacomm_period(tau0: int, loss0: float, loss: float, lr0: float = 1.0, lr: f
     """
     tau0 = require_int("AdaComm tau0", tau0, 1)
     rule = "AdaComm: tau_l = ceil(sqrt((lr0/lr) * loss/loss0) * tau0)"
-    loss0 = _finite("AdaComm loss0", loss0, positive=True, rule=rule)
-    loss = _finite("AdaComm loss", loss, positive=False, rule=rule)
-    lr0 = _finite("AdaComm lr0", lr0, positive=True, rule=rule)
-    lr = _finite("AdaComm lr", lr, positive=True, rule=rule)
+    loss0 = require_number("AdaComm loss0", loss0, positive=True, rule=rule)
+    loss = require_number("AdaComm loss", loss, positive=False, rule=rule)
+    lr0 = require_number("AdaComm lr0", lr0, positive=True, rule=rule)
+    lr = require_number("AdaComm lr", lr, positive=True, rule=rule)
     x = math.sqrt((lr0 / lr) * (loss / loss0)) * tau0
     return max(1, math.ceil(x - _CEIL_SLACK * max(1.0, x)))
 
@@ -117,6 +108,8 @@ class AdaCommState(NamedTuple):
 
 
 class AdaComm(AdaptivePeriod):
+    history_entry = AdaCommUpdate
+
     """AdaComm's adaptive period: τ is recomputed every ``interval`` of (simulated) wall-clock time
     from the worker-averaged training loss by :func:`adacomm_period`.
 
@@ -146,15 +139,15 @@ class AdaComm(AdaptivePeriod):
     def __init__(self, tau0: int, interval: float, *, loss0: float | None = None, lr0: float | None = None,
                  lr_schedule: Callable[[int], float] | None = None, tau_max: int | None = None):
         self.tau0 = require_int("AdaComm tau0", tau0, 1)
-        self.interval = _finite("AdaComm interval", interval, positive=True,
+        self.interval = require_number("AdaComm interval", interval, positive=True,
                                 rule="wall-clock length between period updates")
         self.tau_max = None if tau_max is None else require_int("AdaComm tau_max", tau_max, self.tau0)
         if lr_schedule is not None and not callable(lr_schedule):
             raise ValueError(f"AdaComm lr_schedule must be a callable step -> lr, got {lr_schedule!r}")
         self.lr_schedule = lr_schedule
-        self.loss0 = None if loss0 is None else _finite("AdaComm loss0", loss0, positive=True,
+        self.loss0 = None if loss0 is None else require_number("AdaComm loss0", loss0, positive=True,
                                                        rule="the initial training loss")
-        self.lr0 = None if lr0 is None else _finite("AdaComm lr0", lr0, positive=True,
+        self.lr0 = None if lr0 is None else require_number("AdaComm lr0", lr0, positive=True,
                                                    rule="the initial learning rate")
         super().__init__(f"AdaComm(tau0={self.tau0}, interval={self.interval:g})")
 
@@ -167,9 +160,9 @@ class AdaComm(AdaptivePeriod):
 
     def _lr(self, lr, step) -> float | None:
         if lr is not None:
-            return _finite("AdaComm lr", lr, positive=True, rule="the current learning rate")
+            return require_number("AdaComm lr", lr, positive=True, rule="the current learning rate")
         if self.lr_schedule is not None and step is not None:
-            return _finite("AdaComm lr_schedule(step)", self.lr_schedule(step), positive=True,
+            return require_number("AdaComm lr_schedule(step)", self.lr_schedule(step), positive=True,
                            rule="the current learning rate")
         return None
 
@@ -185,8 +178,8 @@ class AdaComm(AdaptivePeriod):
                 else the learning-rate factor is 1.
             step: the number of local steps done so far (only used with ``lr_schedule``).
         """
-        loss = _finite("AdaComm loss", loss, positive=False, rule="the worker-averaged training loss")
-        time = _finite("AdaComm time", time, positive=False, rule="simulated wall-clock time")
+        loss = require_number("AdaComm loss", loss, positive=False, rule="the worker-averaged training loss")
+        time = require_number("AdaComm time", time, positive=False, rule="simulated wall-clock time")
         if time < state.last_time:
             raise ValueError(f"AdaComm time must not decrease: got {time!r} after {state.last_time!r}")
         lr = self._lr(lr, step)
@@ -204,11 +197,6 @@ class AdaComm(AdaptivePeriod):
             history = history + (AdaCommUpdate(time, loss, lr, tau),)
             next_update = (math.floor(time / self.interval) + 1) * self.interval
         return AdaCommState(tau, next_update, time, loss0, lr0, history)
-
-    def restore(self, saved) -> AdaCommState:
-        """The state from its JSON form (``state._asdict()`` after a JSON round trip)."""
-        state = AdaCommState(**{k: _tuples(v) for k, v in dict(saved).items()})
-        return state._replace(history=tuple(AdaCommUpdate(*h) for h in state.history))
 
 
 def adacomm(tau0: int, interval: float, **kwargs) -> AdaComm:
@@ -236,6 +224,8 @@ class ADPSGDState(NamedTuple):
 
 
 class ADPSGD(AdaptivePeriod):
+    history_entry = ADPSGDRound
+
     """Adaptive periodic averaging: the period grows as the workers' models drift apart more slowly,
     under a budget of averagings (after Jiang & Agrawal, ADPSGD, arXiv:2007.06134).
 
@@ -295,16 +285,16 @@ class ADPSGD(AdaptivePeriod):
         self.tau0 = require_int("ADPSGD tau0", tau0, 1)
         self.total_steps = require_int("ADPSGD total_steps", total_steps, 1)
         self.budget = require_int("ADPSGD budget (number of averagings)", budget, 1)
-        self.target = None if target is None else _finite("ADPSGD target", target, positive=True,
+        self.target = None if target is None else require_number("ADPSGD target", target, positive=True,
                                                          rule="the tolerated consensus distance")
-        self.max_growth = _finite("ADPSGD max_growth", max_growth, positive=True,
+        self.max_growth = require_number("ADPSGD max_growth", max_growth, positive=True,
                                   rule="largest growth factor of tau per round")
         if self.max_growth < 1.0:
             raise ValueError(f"ADPSGD max_growth must be >= 1 (the period never shrinks), got {max_growth!r}")
         self.tau_max = None if tau_max is None else require_int("ADPSGD tau_max", tau_max, self.tau0)
         self.front_load = None
         if front_load is not None:
-            self.front_load = _finite("ADPSGD front_load", front_load, positive=True,
+            self.front_load = require_number("ADPSGD front_load", front_load, positive=True,
                                       rule="how much faster than the uniform pace averagings may be spent")
             if self.front_load < 1.0:
                 raise ValueError(f"ADPSGD front_load must be >= 1 (1 = uniform pace), got {front_load!r}")
@@ -365,7 +355,7 @@ class ADPSGD(AdaptivePeriod):
             start, index, tau: the observed round (``trainer.observe`` fills them in).
             steps: how many local steps Δ accumulated over; by default ``tau``.
         """
-        delta = _finite("ADPSGD consensus", consensus, positive=False,
+        delta = require_number("ADPSGD consensus", consensus, positive=False,
                         rule="the consensus distance (1/m) sum ||x_i - mean||^2")
         start, index, length = _position("ADPSGD", start, index, tau)
         raised = self._raised(state, start, index)
@@ -389,11 +379,6 @@ class ADPSGD(AdaptivePeriod):
             new = min(new, self.tau_max)
         history = state.history + (ADPSGDRound(start, length, delta, rate),)
         return ADPSGDState(max(raised, int(new)), target, averagings, history)
-
-    def restore(self, saved) -> ADPSGDState:
-        """The state from its JSON form (``state._asdict()`` after a JSON round trip)."""
-        state = ADPSGDState(**{k: _tuples(v) for k, v in dict(saved).items()})
-        return state._replace(history=tuple(ADPSGDRound(*h) for h in state.history))
 
 
 def adpsgd(tau0: int, total_steps: int, budget: int, **kwargs) -> ADPSGD:

@@ -29,7 +29,6 @@ import math
 import networkx as nx
 import numpy as np
 
-import scipy.sparse as sp
 
 from coopsgd.core import mixing, schedules, spectral, topology
 from coopsgd.core.algorithm import Algorithm
@@ -159,8 +158,7 @@ def expected_gram(alpha: float, mean: np.ndarray, second: np.ndarray) -> np.ndar
 def contraction(alpha: float, mean: np.ndarray, second: np.ndarray) -> float:
     """``ρ(α) = ‖E[WᵀW] − J‖₂``: the largest eigenvalue modulus of the symmetric
     ``expected_gram(α, …) − J``."""
-    n = len(mean)
-    return float(np.max(np.abs(np.linalg.eigvalsh(expected_gram(alpha, mean, second) - np.full((n, n), 1.0 / n)))))
+    return spectral.norm_minus_averaging(expected_gram(alpha, mean, second), symmetric=True)
 
 
 def best_alpha(laplacians: np.ndarray, probabilities: np.ndarray, *, tol: float = 1e-10) -> tuple[float, float]:
@@ -270,10 +268,8 @@ class MatchaSchedule(schedules.MixingSchedule):
             if not self.alpha > 0.0:
                 raise ValueError(f"MATCHA alpha must be > 0, got alpha = {alpha!r}")
         edges = np.concatenate(self._edges)
-        rows = np.concatenate([edges[:, 0], edges[:, 1], np.arange(self.n)])
-        cols = np.concatenate([edges[:, 1], edges[:, 0], np.arange(self.n)])
         self._support = MixingMatrix.from_blocks(
-            sp.csr_array((np.ones(len(rows)), (rows, cols)), shape=(self.n, self.n)))
+            mixing.edge_matrix(self.n, edges[:, 0], edges[:, 1], 1.0, np.ones(self.n)))
 
     @property
     def support(self) -> MixingMatrix:
@@ -318,10 +314,8 @@ class MatchaSchedule(schedules.MixingSchedule):
         on = [e for e, active in zip(self._edges, self.active(r)) if active]
         edges = np.concatenate(on) if on else np.zeros((0, 2), dtype=np.int64)
         count = np.bincount(edges.reshape(-1), minlength=self.n).astype(np.float64)
-        rows = np.concatenate([edges[:, 0], edges[:, 1], np.arange(self.n)])
-        cols = np.concatenate([edges[:, 1], edges[:, 0], np.arange(self.n)])
-        vals = np.concatenate([np.full(2 * len(edges), -self.alpha * -1.0), 1.0 - self.alpha * count])
-        return MixingMatrix.from_blocks(sp.csr_array((vals, (rows, cols)), shape=(self.n, self.n)))
+        return MixingMatrix.from_blocks(
+            mixing.edge_matrix(self.n, edges[:, 0], edges[:, 1], self.alpha, 1.0 - self.alpha * count))
 
     @property
     def symmetric(self) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 
 from coopsgd.app import config, registry
 from coopsgd.app.results import HISTORY_KEYS
-from coopsgd.parallel.trainer import Hook, RoundEnd, Stop
+from coopsgd.parallel.hooks import Hook, RoundEnd, Stop
 
 __all__ = ["RunResult", "run", "EVAL_MAX", "check_resume"]
 

@@ -18,6 +18,8 @@ from typing import Literal, NamedTuple
 
 import networkx as nx
 
+from coopsgd.core.validate import require_choice
+
 __all__ = ["Entry", "Context", "REGISTRY", "register", "names", "get", "build", "markdown_table"]
 
 Period = Literal["one", "tau", "adaptive"]
@@ -77,9 +79,7 @@ def names(*, theory: bool | None = None) -> list[str]:
 
 def get(name: str) -> Entry:
     """The entry called ``name``; ValueError listing the valid names otherwise."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown algorithm {name!r}; valid algorithms: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
+    return REGISTRY[require_choice("algorithm", name, REGISTRY, "algorithms")]
 
 
 def build(cfg: Mapping, param_bytes: float = 0.0):

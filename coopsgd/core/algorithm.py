@@ -29,6 +29,10 @@ class Algorithm:
         v: number of auxiliary columns (the last ``v`` columns of W), ≥ 0.
         m: the number of workers, if you want W's size checked against ``m + v``.
         name: a label for reprs and tables.
+        mixer: for an algorithm whose mixing is not the linear ``X ← X W`` (compressed gossip,
+            push-sum, an outer optimizer), the factory ``mixer(algorithm, devices) -> Mixer`` of
+            its :class:`~coopsgd.parallel.protocol.Mixer` (``devices``: whether the workers are
+            spread over devices); the trainer then runs it. None: the linear W.
 
     Example:
         >>> import coopsgd
@@ -39,9 +43,9 @@ class Algorithm:
         (True, True)
     """
 
-    __slots__ = ("_mixing", "_period", "_v", "_name")
+    __slots__ = ("_mixing", "_period", "_v", "_name", "_mixer")
 
-    def __init__(self, W, tau=1, v: int = 0, *, m: int | None = None, name: str = "custom"):
+    def __init__(self, W, tau=1, v: int = 0, *, m: int | None = None, name: str = "custom", mixer=None):
         v = require_int("v", v, 0)
         shape = getattr(W, "shape", None) or (np.shape(W) if not isinstance(W, schedules.MixingSchedule) else None)
         n = W.n if isinstance(W, schedules.MixingSchedule) else (shape[0] if shape else None)
@@ -54,6 +58,9 @@ class Algorithm:
         object.__setattr__(self, "_period", schedules.as_period(tau))
         object.__setattr__(self, "_v", v)
         object.__setattr__(self, "_name", str(name))
+        if mixer is not None and not callable(mixer):
+            raise ValueError(f"mixer must be a factory mixer(algorithm, devices) -> Mixer, got {mixer!r}")
+        object.__setattr__(self, "_mixer", mixer)
 
     def __setattr__(self, key, value):
         raise AttributeError(f"Algorithm is immutable; build a new one instead of setting {key!r}")
@@ -97,6 +104,11 @@ class Algorithm:
         return self._name
 
     @property
+    def mixer(self):
+        """The factory of this algorithm's own mixer, or None for the linear W."""
+        return self._mixer
+
+    @property
     def is_static(self) -> bool:
         """Whether W is the same at every mixing."""
         return isinstance(self.W, MixingMatrix)
@@ -128,7 +140,8 @@ class Algorithm:
             w = f"{self.n}x{self.n} {kind}"
         else:
             w = repr(self._mixing)
-        return (
-            f"Algorithm({self._name}: tau={self.tau!r}, W={w}, v={self._v}, m={self.m}, "
-            f"zeta={self.zeta:.4g})"
-        )
+        # ζ is cheap up to the dense limit and for static W; a large time-varying W's contraction
+        # may take a while, so the repr leaves it to .zeta
+        cheap = self.is_static or self.n <= spectral.DENSE_EIG_LIMIT
+        zeta = f", zeta={self.zeta:.4g}" if cheap else ""
+        return f"Algorithm({self._name}: tau={self.tau!r}, W={w}, v={self._v}, m={self.m}{zeta})"

@@ -30,6 +30,7 @@ __all__ = [
     "require_connected",
     "component_sizes",
     "averaging",
+    "edge_matrix",
     "support_graph",
     "ATOL",
 ]
@@ -87,17 +88,15 @@ def max_degree(graph: nx.Graph) -> MixingMatrix:
         Letters 53, 2004, §4.2.
     """
     n, a, b = _edges(graph)
-    deg = np.bincount(np.concatenate([a, b]), minlength=n)
-    scale = float(deg.max(initial=0)) + 1.0
-    lap = sp.csr_array((np.concatenate([-np.ones(2 * len(a)), deg.astype(float)]),
-                        (np.concatenate([a, b, np.arange(n)]), np.concatenate([b, a, np.arange(n)]))),
-                       shape=(n, n))
-    return MixingMatrix.from_blocks(sp.identity(n, format="csr") - lap / scale)
+    lap = edge_matrix(n, a, b, -np.ones(len(a)), np.bincount(np.concatenate([a, b]), minlength=n))
+    return MixingMatrix.from_blocks(sp.identity(n, format="csr") - lap / (float(lap.diagonal().max(initial=0)) + 1.0))
 
 
-def _laplacian(n: int, a: np.ndarray, b: np.ndarray) -> sp.csr_array:
-    deg = np.bincount(np.concatenate([a, b]), minlength=n).astype(float)
-    return sp.csr_array((np.concatenate([-np.ones(2 * len(a)), deg]),
+def edge_matrix(n: int, a: np.ndarray, b: np.ndarray, weight, diagonal) -> sp.csr_array:
+    """The symmetric n × n CSR matrix with ``weight`` on both arcs of every edge {a, b} and
+    ``diagonal`` on the diagonal (a Laplacian: weight −1, the degrees)."""
+    weight = np.broadcast_to(np.asarray(weight, dtype=np.float64), a.shape)
+    return sp.csr_array((np.concatenate([weight, weight, np.asarray(diagonal, dtype=np.float64)]),
                          (np.concatenate([a, b, np.arange(n)]), np.concatenate([b, a, np.arange(n)]))),
                         shape=(n, n))
 
@@ -117,7 +116,7 @@ def best_constant(graph: nx.Graph) -> MixingMatrix:
     n, a, b = _edges(graph)
     if n == 1:
         return MixingMatrix.from_blocks(sp.identity(1, format="csr"))
-    lap = _laplacian(n, a, b)
+    lap = edge_matrix(n, a, b, -1.0, np.bincount(np.concatenate([a, b]), minlength=n))
     if n <= 2048:
         eig = np.linalg.eigvalsh(lap.toarray())  # ascending: 0 = eig[0] < eig[1] <= ... <= eig[-1]
         low, high = eig[1], eig[-1]

@@ -107,9 +107,11 @@ class MixingMatrix:
         """A sparse (``scipy.sparse``) or dense (NumPy) worker block with the auxiliary blocks."""
         v = 0 if wa is None else np.shape(wa)[1]
         if sp.issparse(ww):
-            ww = sp.csr_array(ww, dtype=np.float64)
+            ww = sp.csr_array(ww, dtype=np.float64, copy=True)
             ww.eliminate_zeros()
             ww.sort_indices()
+            for arr in (ww.data, ww.indices, ww.indptr):
+                arr.setflags(write=False)
             return cls("sparse", ww.shape[0], ww=ww, wa=wa, aw=aw, aa=aa, v=v)
         ww = np.array(ww, dtype=np.float64)
         if ww.ndim != 2 or ww.shape[0] != ww.shape[1]:
@@ -246,10 +248,9 @@ class MixingMatrix:
         if self.v or self.m < 2 or self.form == "dense" and self.m > DENSE_LIMIT:
             return None
         if self.form == "mean":
-            if not np.all(self._diag == self._diag[0]):
+            if not np.all(self._diag == self._diag[0]) or (self._c and self.m > DENSE_LIMIT):
                 return None
-            return {0: float(self._diag[0]), **{o: self._c for o in range(1, self.m)}} if self._c else {
-                0: float(self._diag[0])}
+            return {0: float(self._diag[0]), **({o: self._c for o in range(1, self.m)} if self._c else {})}
         ww = sp.coo_array(sp.csr_array(self._ww))
         keep = np.abs(ww.data) > atol
         rows, cols, vals = ww.row[keep], ww.col[keep], ww.data[keep]
@@ -360,8 +361,10 @@ class MixingMatrix:
 
     def __matmul__(self, other):
         if isinstance(other, MixingMatrix):
-            return as_operator(self.toarray() @ other.toarray()) if max(self.n, other.n) <= DENSE_LIMIT \
-                else as_operator(self.tocsr() @ other.tocsr())
+            v = self.v if self.v == other.v else 0
+            product = (self.toarray() @ other.toarray() if max(self.n, other.n) <= DENSE_LIMIT
+                       else self.tocsr() @ other.tocsr())
+            return as_operator(product, v=v)
         return self.matmul(other)
 
     def __rmatmul__(self, other):
@@ -376,7 +379,10 @@ class MixingMatrix:
         if not (isinstance(index, tuple) and len(index) == 2 and all(isinstance(i, (int, np.integer))
                                                                     for i in index)):
             raise ValueError(f"a {self.n} x {self.n} W supports only W[i, j] with two integers")
-        i, j = (int(k) % self.n for k in index)
+        i, j = (int(k) for k in index)
+        if not (-self.n <= i < self.n and -self.n <= j < self.n):
+            raise IndexError(f"index ({i}, {j}) is out of bounds for a {self.n} x {self.n} W")
+        i, j = i % self.n, j % self.n
         m = self.m
         if i >= m or j >= m:
             block, a, b = ((self.wa, i, j - m) if i < m else (self.aw, i - m, j) if j < m
@@ -433,6 +439,10 @@ def as_operator(w, v: int = 0, name: str = "W") -> MixingMatrix:
     """
     if isinstance(w, MixingMatrix):
         return w.with_auxiliary(v)
+    shape = w.shape if sp.issparse(w) else np.shape(w)
+    if len(shape) == 2 and shape[0] == shape[1] and not 0 <= v < shape[0]:
+        raise ValueError(f"v = {v} auxiliary columns do not fit a {shape[0]} x {shape[0]} {name} "
+                         "(0 <= v < n: at least one worker)")
     if sp.issparse(w):
         if np.iscomplexobj(w.data):
             raise ValueError(f"{name} must be real, got a complex sparse matrix")

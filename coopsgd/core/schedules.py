@@ -129,18 +129,38 @@ class PeriodSchedule:
         return f"PeriodSchedule({self.description})"
 
 
+def _tuples(x):
+    """JSON lists back to tuples (so a restored state compares equal to the saved one)."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
 class AdaptivePeriod(PeriodSchedule):
     """Base of period schedules decided at run time from what the loop observes.
 
-    Subclasses implement ``init``, ``tau(state, start, index)`` and ``observe(state, **report)``;
-    their rounds cannot be asked for ahead of time, so ``round_index``, ``round_start`` and
-    ``communicates`` raise. The trainer tracks the current round in ``EngineState.period``.
+    Subclasses implement ``init`` (returning a NamedTuple of plain values), ``tau(state, start,
+    index)`` and ``observe(state, **report)``, and may override ``begin``; their rounds cannot be
+    asked for ahead of time, so ``round_index``, ``round_start`` and ``communicates`` raise. The
+    trainer tracks the current round in ``EngineState.period``; checkpoints save the state as JSON
+    and :meth:`restore` rebuilds it (a ``history`` field's entries as ``history_entry``, when a
+    subclass names that NamedTuple).
     """
 
     adaptive = True
+    history_entry = None
 
     def __init__(self, description: str):
         super().__init__(lambda start: 1, description)
+
+    def restore(self, saved):
+        """The state from its JSON form (``state._asdict()`` after a JSON round trip)."""
+        state_type = type(self.init())
+        if not hasattr(state_type, "_fields"):
+            raise ValueError(f"{self.description}: restoring needs a NamedTuple state from init(), "
+                             f"got {state_type.__name__}")
+        state = state_type(**{k: _tuples(v) for k, v in dict(saved).items()})
+        if self.history_entry is not None and "history" in state._fields:
+            state = state._replace(history=tuple(self.history_entry(*h) for h in state.history))
+        return state
 
     def _ahead(self, what: str):
         raise ValueError(
@@ -245,8 +265,9 @@ class MixingSchedule:
 
     @property
     def symmetric(self) -> bool:
-        """Whether every W^(r) is symmetric (so doubly stochastic)."""
-        return all(w.is_symmetric(mixing.ATOL) for w in self.cycle or ())
+        """Whether every W^(r) is symmetric (so doubly stochastic); a random schedule that does
+        not say so (by overriding this) is taken not to be."""
+        return self.cycle is not None and all(w.is_symmetric(mixing.ATOL) for w in self.cycle)
 
     def with_auxiliary(self, v: int) -> MixingSchedule:
         """The same schedule with the last ``v`` columns of every W^(r) read as auxiliary."""
@@ -254,7 +275,7 @@ class MixingSchedule:
             return self
         if self.cycle is None:
             raise ValueError(f"{type(self).__name__} has no auxiliary columns; it needs v = {self.v}")
-        return _Cyclic([w.with_auxiliary(v) for w in self.cycle], getattr(self, "description", "cyclic"))
+        return _Cyclic([w.with_auxiliary(v) for w in self.cycle], getattr(self, "description", "cyclic"), v)
 
     def expected_gram(self):
         """``E[W^(r)ᵀ W^(r)]`` over rounds (the uniform average over a cycle): a dense array up to
@@ -267,7 +288,13 @@ class MixingSchedule:
 
     def contraction(self) -> float:
         """``‖E[Wᵀ W] − J‖₂``, which replaces ζ² in the bound for time-varying W (Wang & Joshi,
-        Cooperative SGD, §5; Wang et al., MATCHA, arXiv:1905.09435, Theorem 1)."""
+        Cooperative SGD, §5; Wang et al., MATCHA, arXiv:1905.09435, Theorem 1). Beyond the dense
+        limit a cycle of circulant or of exchangeable matrices has a closed form
+        (:func:`coopsgd.core.spectral.cycle_contraction`)."""
+        if self.cycle is not None and self.n > spectral.DENSE_EIG_LIMIT:
+            closed = spectral.cycle_contraction(self.cycle)
+            if closed is not None:
+                return closed
         return spectral.norm_minus_averaging(self.expected_gram())
 
     @property
@@ -304,9 +331,10 @@ def static(w, v: int = 0) -> MixingSchedule:
     return _Cyclic([w], "static", v)
 
 
-def cyclic(matrices: Sequence) -> MixingSchedule:
-    """``W^(r) = matrices[r mod len(matrices)]``: a time-varying topology that repeats."""
-    return _Cyclic(list(matrices), "cyclic")
+def cyclic(matrices: Sequence, v: int = 0) -> MixingSchedule:
+    """``W^(r) = matrices[r mod len(matrices)]``: a time-varying topology that repeats (the last
+    ``v`` columns of every matrix auxiliary)."""
+    return _Cyclic(list(matrices), "cyclic", v)
 
 
 def one_peer_exponential(n: int) -> MixingSchedule:

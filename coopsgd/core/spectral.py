@@ -10,13 +10,16 @@ Lanczos / Arnoldi solvers (``eigsh`` / ``eigs``) otherwise — never a dense n �
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import scipy.sparse.linalg as spla
 
 from coopsgd.core.mixing import ATOL, check
 from coopsgd.core.operator import MixingMatrix
 
-__all__ = ["zeta", "spectral_gap", "stationary", "norm_minus_averaging", "DENSE_EIG_LIMIT"]
+__all__ = ["zeta", "spectral_gap", "stationary", "norm_minus_averaging", "cycle_contraction",
+           "DENSE_EIG_LIMIT"]
 
 DENSE_EIG_LIMIT = 2048
 """Largest n whose eigenvalues are computed densely (O(n³), about a second at the limit)."""
@@ -57,6 +60,13 @@ def _drop_one(eig: np.ndarray) -> float:
     return float(np.max(np.abs(eig))) if eig.size else 0.0
 
 
+def _lanczos_minus_averaging(csr) -> float:
+    """``‖G − J‖₂`` for a symmetric sparse G, with ``G − J`` applied matrix-free (Lanczos)."""
+    n = csr.shape[0]
+    op = spla.LinearOperator((n, n), matvec=lambda x: csr @ x - x.mean(), dtype=np.float64)
+    return float(np.abs(spla.eigsh(op, k=1, which="LM", return_eigenvectors=False, tol=1e-12)[0]))
+
+
 def _zeta_structured(w: MixingMatrix) -> float:
     ex = _exchangeable(w)
     if ex is not None:
@@ -69,17 +79,18 @@ def _zeta_structured(w: MixingMatrix) -> float:
         for o, value in offsets.items():
             column[o] = value
         return _drop_one(np.fft.fft(column))
+    if w.n <= 8:  # too small for ARPACK's k < n − 1: the dense solver is exact here anyway
+        return _drop_one(np.linalg.eigvals(w.toarray()))
     csr = w.tocsr()
-    n = w.n
     if w.is_symmetric(ATOL):  # W − J has the eigenvalues of W but the 1, which becomes 0
-        op = spla.LinearOperator((n, n), matvec=lambda x: csr @ x - x.mean(), dtype=np.float64)
-        top = spla.eigsh(op, k=1, which="LM", return_eigenvectors=False, tol=1e-12)
-        return float(np.abs(top[0]))
-    eig = spla.eigs(csr, k=3, which="LM", return_eigenvectors=False, tol=1e-12)
-    return _drop_one(eig)
+        return _lanczos_minus_averaging(csr)
+    return _drop_one(spla.eigs(csr, k=3, which="LM", return_eigenvectors=False, tol=1e-12))
 
 
-def zeta(w, *, method: str = "auto") -> float:
+Method = Literal["auto", "dense", "structure"]
+
+
+def zeta(w, *, method: Method = "auto") -> float:
     """Second-largest eigenvalue modulus ζ of a mixing matrix.
 
     For symmetric W this is ``max(|λ_2|, |λ_n|)`` with ``1 = λ_1 ≥ λ_2 ≥ … ≥ λ_n`` (Wang & Joshi,
@@ -120,7 +131,7 @@ def spectral_gap(w) -> float:
     return 1.0 - zeta(w)
 
 
-def stationary(w, *, method: str = "auto") -> np.ndarray:
+def stationary(w, *, method: Method = "auto") -> np.ndarray:
     """The weights π (π ≥ 0, Σπ = 1) with ``W π = π``: the combination ``X π`` of the columns that
     mixing leaves unchanged, which every column approaches when ζ < 1.
 
@@ -146,23 +157,49 @@ def stationary(w, *, method: str = "auto") -> np.ndarray:
         eig, vec = np.linalg.eig(_reduced(w, *ex))
         red = np.real(vec[:, np.argmin(np.abs(eig - 1.0))])
         pi = np.concatenate([np.full(w.m, red[0]), red[1:]])
+    elif w.n <= 8:
+        eig, vec = np.linalg.eig(w.toarray())
+        pi = np.real(vec[:, np.argmin(np.abs(eig - 1.0))])
     else:
         eig, vec = spla.eigs(w.tocsr(), k=1, sigma=1.0 + 1e-9)
         pi = np.real(vec[:, 0])
     return pi / pi.sum()
 
 
-def norm_minus_averaging(gram) -> float:
-    """``‖G − J‖₂`` for a symmetric n × n G (e.g. ``E[WᵀW]``): dense up to
-    :data:`DENSE_EIG_LIMIT`, else the Lanczos solver on ``G − J`` applied matrix-free."""
+def norm_minus_averaging(gram, *, symmetric: bool = False) -> float:
+    """``‖G − J‖₂`` for an n × n G (e.g. ``E[WᵀW]``): dense up to :data:`DENSE_EIG_LIMIT` (the
+    largest eigenvalue modulus when ``symmetric``, else the largest singular value), else the
+    Lanczos solver on ``G − J`` applied matrix-free (G symmetric)."""
     if isinstance(gram, MixingMatrix):
-        n = gram.n
-        if n <= DENSE_EIG_LIMIT:
-            gram = gram.toarray()
-        else:
-            csr = gram.tocsr()
-            op = spla.LinearOperator((n, n), matvec=lambda x: csr @ x - x.mean(), dtype=np.float64)
-            return float(np.abs(spla.eigsh(op, k=1, which="LM", return_eigenvectors=False, tol=1e-12)[0]))
+        if gram.n > DENSE_EIG_LIMIT:
+            return _lanczos_minus_averaging(gram.tocsr())
+        gram = gram.toarray()
     gram = np.asarray(gram, dtype=np.float64)
     n = len(gram)
-    return float(np.linalg.norm(gram - np.full((n, n), 1.0 / n), 2))
+    centred = gram - np.full((n, n), 1.0 / n)
+    if symmetric:
+        return float(np.max(np.abs(np.linalg.eigvalsh(centred))))
+    return float(np.linalg.norm(centred, 2))
+
+
+def cycle_contraction(cycle) -> float | None:
+    """``‖(1/L) Σ_r W_rᵀ W_r − J‖₂`` in closed form when every W_r (v = 0) is circulant — the
+    eigenvalues of ``W_rᵀ W_r`` are ``|λ_k^(r)|²`` with λ^(r) the DFT of W_r's first column, so
+    the norm is ``max_{k ≠ 0} (1/L) Σ_r |λ_k^(r)|²`` — or exchangeable (``aI + c(11ᵀ − I)``:
+    ``(1/L) Σ_r (a_r − c_r)²``); None otherwise."""
+    if any(w.v for w in cycle):
+        return None
+    exchangeable = [_exchangeable(w) for w in cycle]
+    if all(e is not None for e in exchangeable):
+        return float(np.mean([(a - c) ** 2 for a, c in exchangeable]))
+    power = np.zeros(cycle[0].m)
+    for w in cycle:
+        offsets = w.circulant_offsets()
+        if offsets is None:
+            return None
+        column = np.zeros(w.m)
+        for o, value in offsets.items():
+            column[o] = value
+        power += np.abs(np.fft.fft(column)) ** 2
+    return float(np.max(power[1:]) / len(cycle))
+

@@ -73,14 +73,15 @@ def require_fraction(name: str, value, *, rule: str = "", open_low: bool = False
     return x
 
 
-def require_choice(name: str, value, valid: Iterable[str]) -> str:
-    """``value`` if it is one of ``valid``; otherwise ValueError listing them.
+def require_choice(name: str, value, valid: Iterable[str], plural: str = "") -> str:
+    """``value`` if it is one of ``valid``; otherwise ValueError listing them (as "valid
+    ``plural``").
 
     Example:
-        >>> require_choice("backend", "pmap", ("simulate", "pmap"))
+        >>> require_choice("backend", "pmap", ("simulate", "pmap"), "backends")
         'pmap'
     """
     valid = tuple(valid)
     if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+        raise ValueError(f"unknown {name} {value!r}; valid {plural + ': ' if plural else ': '}{', '.join(valid)}")
     return value

@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from coopsgd.core.validate import require_choice
 from coopsgd.parallel.collectives import AXIS, WorkerAxis
 from coopsgd.parallel.protocol import MixerState
 
@@ -52,6 +53,8 @@ class Backend:
     name = "base"
     num_devices = 1
     axis_name: str | None = None
+    layout_axes = 1
+    """Leading axes of a placed per-worker value: (m, …), or (D, m/D, …) on pmap."""
 
     def __init__(self, m: int):
         self.m = m
@@ -143,6 +146,7 @@ class Pmap(Backend):
     """``jax.pmap`` over the local devices (single process)."""
 
     name = "pmap"
+    layout_axes = 2
 
     def __init__(self, m: int, devices=None):
         if jax.process_count() > 1:
@@ -182,15 +186,8 @@ class Pmap(Backend):
         return jax.tree.map(lambda x: x[0], placed)
 
     def compile(self, local_fn, summarize, steps: int, rounds: int, donate: bool = False):
-        # (pmap takes its arguments as one tuple, so nothing is donated.)
-        # The arguments travel as one tuple: jax 0.10's pmap reads a tuple ``in_axes`` as *flat*
-        # when the number of leaves happens to equal the number of arguments (e.g. an optimizer
-        # state with no leaves, like plain SGD's), which silently maps a scalar argument.
-        def packed(args):
-            return local_fn(*args)
-
-        mapped = jax.pmap(packed, axis_name=AXIS, in_axes=((0, 0, 0, None, None, 0, None, None),),
-                          out_axes=0, devices=self.devices)
+        # The arguments travel as one tuple (see :meth:`mapped`), so nothing is donated on pmap.
+        mapped = self.mapped(local_fn)
         m = self.m
 
         @jax.jit
@@ -212,9 +209,12 @@ class Pmap(Backend):
         return program
 
     def mapped(self, local_fn):
-        """``local_fn`` under this backend's pmap (the same mapping as :meth:`compile`)."""
+        """``local_fn`` under this backend's pmap, called with its arguments as one tuple: jax
+        0.10's pmap reads a tuple ``in_axes`` as *flat* when the number of leaves happens to equal
+        the number of arguments (e.g. an optimizer state with no leaves, like plain SGD's), which
+        silently maps a scalar argument."""
         return jax.pmap(lambda args: local_fn(*args), axis_name=AXIS,
-                        in_axes=((0, 0, 0, None, None, 0, None, None),), devices=self.devices)
+                        in_axes=((0, 0, 0, None, None, 0, None, None),), out_axes=0, devices=self.devices)
 
 
 class ShardMap(Backend):
@@ -322,6 +322,5 @@ def make_backend(name, m: int, devices=None, mesh=None) -> Backend:
         return Simulate(m)
     if name == "pmap":
         return Pmap(m, devices=devices)
-    if name == "shard_map":
-        return ShardMap(m, devices=devices, mesh=mesh)
-    raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
+    require_choice("backend", name, BACKENDS, "backends")
+    return ShardMap(m, devices=devices, mesh=mesh)

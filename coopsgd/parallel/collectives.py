@@ -110,8 +110,8 @@ class WorkerAxis:
         return x if self.name is None else lax.all_gather(x, self.name, tiled=True)
 
     def permute(self, x, perm: tuple):
-        """``y[j] = x[perm[j]]`` for a static permutation of the m workers (one ``ppermute`` per
-        device offset that carries data)."""
+        """``y[j] = x[perm[j]]`` for a static source map of the m workers (not necessarily a
+        permutation: one ``ppermute`` per device offset that carries data)."""
         if self.name is None:
             return x[np.asarray(perm)]
         y = jnp.zeros((self.size + 1,) + x.shape[1:], x.dtype)

@@ -8,8 +8,8 @@ runs — for a linear W, ``new[j] = Σ_i W[i, j] (X + U)[:, i]`` (Wang & Joshi, 
 arXiv:1808.07576, §3, ``X_{k+1} = (X_k − ηG_k) W_k``).
 
 :func:`init_state` and :func:`round_program` are what :class:`~coopsgd.parallel.trainer.
-CooperativeSGD` compiles; :func:`local_step` and :func:`mix` are the pieces, usable inside a
-user's own jitted code.
+CooperativeSGD` compiles; :func:`local_step` and :func:`round_end` (the mixer, then the optimizer
+policy) are the pieces, usable inside a user's own jitted code.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from coopsgd.parallel.collectives import WorkerAxis
 from coopsgd.parallel.protocol import Mixer, MixerState, MixRound, OptimizerSync
 from coopsgd.parallel.state import EngineState, PeriodState
 
-__all__ = ["Spec", "init_state", "local_step", "mix", "consensus", "round_program", "summarize"]
+__all__ = ["Spec", "init_state", "local_step", "round_end", "consensus", "round_program", "summarize"]
 
 
 class Spec(NamedTuple):
@@ -74,7 +74,7 @@ def consensus(axis: WorkerAxis, x):
     return axis.psum(sum(jax.tree.leaves(dev))) / axis.m
 
 
-def mix(spec: Spec, axis: WorkerAxis, x, o, s: MixerState, mix_round: MixRound, sync_some: bool):
+def round_end(spec: Spec, axis: WorkerAxis, x, o, s: MixerState, mix_round: MixRound, sync_some: bool):
     """The round's end: the mixer, then (if ``sync_some``: some round of this program moved data)
     the optimizer-state policy where ``mix_round.moves``."""
     x, s = spec.mixer.apply(x, s, mix_round, axis)
@@ -109,7 +109,7 @@ def round_program(spec: Spec, axis: WorkerAxis, rounds: int, length: int, mixes:
                 # One scan over the whole round, then the mixing (the usual, leanest program).
                 (x, o, k), outs = lax.scan(body, (x, o, k), batch)
                 if mixes:
-                    x, o, s = mix(spec, axis, x, o, s, mix_round, sync_some)
+                    x, o, s = round_end(spec, axis, x, o, s, mix_round, sync_some)
                 return (x, s, o, k), outs
             # With the consensus metric the last step is unrolled, so that its consensus is
             # measured after the mixing without computing it twice.
@@ -119,7 +119,7 @@ def round_program(spec: Spec, axis: WorkerAxis, rounds: int, length: int, mixes:
                 (x, o, k), outs_head = lax.scan(body, (x, o, k), head)
             x, o, loss, aux = local_step(spec, axis, x, o, k, key, last)
             k = k + 1
-            x, o, s = mix(spec, axis, x, o, s, mix_round, sync_some)
+            x, o, s = round_end(spec, axis, x, o, s, mix_round, sync_some)
             outs_last = jax.tree.map(lambda a: a[None], (loss, aux, consensus(axis, x)))
             if length > 1:
                 outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs_head, outs_last)

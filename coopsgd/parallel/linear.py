@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coopsgd.core.algorithm import Algorithm
+from coopsgd.core.operator import as_operator
 from coopsgd.parallel import plan as _plan
 from coopsgd.parallel.collectives import WorkerAxis
 from coopsgd.parallel.protocol import Mixer, MixerState, MixRound
@@ -103,7 +104,7 @@ def mix_local(plan: _plan.MixPlan, workers, aux, coef, axis: WorkerAxis):
 
     def shifted(x, s):
         shift = plan.shifts[s]
-        return axis.shift(x, shift) if shift is not None else axis.permute(x, plan.perms[s])
+        return axis.shift(x, shift) if shift is not None else axis.permute(x, plan.sources[s])
 
     def mix_workers(x):
         if plan.kind == "dense":
@@ -166,8 +167,9 @@ class _Rounds:
             w = self.schedule.at(r)
             active = _plan.active_slots(self.support_plan, w)
             plan = active if self.prune else self.support_plan
-            self._recent[r] = (w, MixRound(plan, _plan.coefficients(plan, w), active.communicates))
-            while len(self._recent) > 64:
+            moves = active.communicates and not as_operator(w, self.v).is_identity(atol=1e-12)
+            self._recent[r] = (w, MixRound(plan, _plan.coefficients(plan, w), moves))
+            while len(self._recent) > 1024:  # more than a fused call's rounds (steps_per_call)
                 self._recent.popitem(last=False)
         return self._recent[r]
 
@@ -180,6 +182,8 @@ class _Rounds:
         if self.cycle is not None:
             return _plan.communication(self.round(r).static, param_bytes)
         w, mix_round = self._random(r)
+        if not mix_round.moves:  # this round's W is I: nothing is sent, whatever the plan
+            return _plan.communication(_plan.MixPlan(self.m, self.v, "none"), param_bytes)
         return _plan.communication(mix_round.static, param_bytes, w)
 
 
@@ -213,5 +217,10 @@ def linear(algorithm: Algorithm, *, prune: bool = False) -> Mixer:
             return workers
         return jax.tree.map(lambda x, z: jnp.concatenate([x, z.astype(x.dtype)]), workers, state.shared)
 
+    def from_columns(cols, state: MixerState):
+        m = algorithm.m
+        workers = jax.tree.map(lambda x: x[:m], cols)
+        return workers, MixerState(shared=jax.tree.map(lambda x: x[m:], cols)) if v else state
+
     return Mixer(init=init, apply=apply, traffic=rounds.traffic, plan=rounds.round, columns=columns,
-                 name=f"linear W of {algorithm.name}")
+                 from_columns=from_columns, name=f"linear W of {algorithm.name}")

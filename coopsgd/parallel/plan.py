@@ -19,24 +19,28 @@ kind          W_ww                                               on devices
 A non-zero ``W_wa`` (EASGD's anchor, Overlap Local-SGD's anchor) adds one weighted all-reduce;
 auxiliary columns are replicated on every device, so ``W_aw`` and ``W_aa`` are local.
 
-A *slot* is a permutation ``π_s`` of the workers with a coefficient per destination:
+A *slot* gives every worker one incoming model, with a coefficient per destination:
 ``new[j] += c_s[j] · old[π_s(j)]``. Slots are circulant shifts when W's support is circulant on
-the workers (a ring: shifts ±1), otherwise the partial permutations of an edge colouring of the
-directed support (Δ of them, Δ the largest degree; König's theorem), whichever needs fewer; both
-are found in O(edges) from the sparse W. Coefficients are *arguments* of the compiled program, so
-a time-varying W over a fixed support (a random schedule) reuses one program.
+the workers (a ring: shifts ±1); otherwise slot s takes, for every worker j, the s-th of its
+sources ordered by their offset ``(i − j) mod m`` — Δ_in slots, Δ_in the largest in-degree (as
+many as any assignment of one incoming model per worker and slot needs), so that a torus in its
+row-major numbering gets one slot per direction away from its seams. Whichever needs fewer slots
+is used; both are found by sorting the arcs, O(edges · log edges), with no m × m array.
+Coefficients are *arguments* of the compiled program, so a time-varying W over a fixed support (a
+random schedule) reuses one program.
 """
 
 from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
+import jax
 import numpy as np
 import scipy.sparse as sp
 
-from coopsgd.core import topology as _topology
 from coopsgd.core.communication import Communication, ring_all_reduce_bytes
 from coopsgd.core.operator import MixingMatrix, as_operator
+from coopsgd.core.validate import require_number
 
 __all__ = [
     "MixPlan",
@@ -63,9 +67,10 @@ class MixPlan(NamedTuple):
         m, v: workers and auxiliary columns.
         kind: one of :data:`PlanKind` for the worker block (``"none"`` means all of W is I).
         shifts: for ``"neighbour"``, per slot the circulant offset ``o`` (``π_s(j) = (j + o) mod m``)
-            or None for a permutation slot.
-        perms: per slot the permutation (a tuple of length m; ``π_s(j)`` is the worker whose model
-            lands on worker ``j``) for permutation slots, None for shift slots.
+            or None for a slot given by its sources.
+        sources: per slot the source map (a tuple of length m; ``π_s(j)`` is the worker whose model
+            lands on worker ``j``, ``π_s(j) = j`` where slot s brings nothing) for source slots,
+            None for shift slots. A source map need not be a permutation.
         worker_to_aux: whether ``W_wa ≠ 0`` (auxiliary columns gather from workers: all-reduce).
         aux_to_worker: whether ``W_aw ≠ 0`` (workers read the replicated auxiliary columns).
         self_weight: whether the worker block has a diagonal term to apply (False for an exact
@@ -76,7 +81,7 @@ class MixPlan(NamedTuple):
     v: int
     kind: PlanKind
     shifts: tuple = ()
-    perms: tuple = ()
+    sources: tuple = ()
     worker_to_aux: bool = False
     aux_to_worker: bool = False
     self_weight: bool = True
@@ -88,14 +93,14 @@ class MixPlan(NamedTuple):
 
     @property
     def slots(self) -> tuple[tuple[int, ...], ...]:
-        """Every slot as a permutation (shift slots spelled out; O(m) each)."""
-        return tuple(perm if perm is not None else tuple((j + o) % self.m for j in range(self.m))
-                     for o, perm in zip(self.shifts, self.perms))
+        """Every slot as its source map (shift slots spelled out; O(m) each)."""
+        return tuple(src if src is not None else tuple((j + o) % self.m for j in range(self.m))
+                     for o, src in zip(self.shifts, self.sources))
 
-    def sources(self, s: int) -> np.ndarray:
+    def source_array(self, s: int) -> np.ndarray:
         """``π_s`` as an int array of length m."""
-        if self.perms[s] is not None:
-            return np.asarray(self.perms[s], dtype=np.int64)
+        if self.sources[s] is not None:
+            return np.asarray(self.sources[s], dtype=np.int64)
         return (np.arange(self.m) + self.shifts[s]) % self.m
 
 
@@ -110,20 +115,20 @@ def _arcs(off: sp.csr_array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _slots_from_support(src: np.ndarray, dst: np.ndarray, m: int) -> tuple[tuple, tuple]:
-    """(shifts, perms) with the fewest slots: circulant shifts (a ``roll`` each) when they are no
-    more than Δ, the largest in- or out-degree, which is how many permutations a bipartite edge
-    colouring of destinations × sources needs (König's theorem,
-    :func:`coopsgd.core.topology.bipartite_edge_colouring`)."""
-    offsets = np.unique((src - dst) % m)
-    degree = max(int(np.bincount(src, minlength=m).max()), int(np.bincount(dst, minlength=m).max()))
-    if len(offsets) <= degree:
-        return tuple(int(o) for o in offsets), (None,) * len(offsets)
-    arcs = sorted(zip(dst.tolist(), src.tolist()))  # (destination j, source i)
-    colours = _topology.bipartite_edge_colouring(arcs)
-    perms = [list(range(m)) for _ in range(max(colours, default=-1) + 1)]
-    for (j, i), c in zip(arcs, colours):
-        perms[c][j] = i
-    return (None,) * len(perms), tuple(tuple(p) for p in perms)
+    """(shifts, sources) with the fewest slots: circulant shifts (a ``roll`` each) when there are no
+    more offsets than Δ_in, the largest in-degree; otherwise Δ_in source slots, slot s bringing
+    each worker the s-th of its sources ordered by offset (see the module docstring)."""
+    offsets = (src - dst) % m
+    unique = np.unique(offsets)
+    indegree = np.bincount(dst, minlength=m)
+    if len(unique) <= indegree.max():
+        return tuple(int(o) for o in unique), (None,) * len(unique)
+    order = np.lexsort((offsets, dst))  # by destination, then offset
+    dst, src = dst[order], src[order]
+    rank = np.arange(len(dst)) - np.concatenate([[0], np.cumsum(indegree)])[dst]
+    maps = np.tile(np.arange(m), (int(indegree.max()), 1))
+    maps[rank, dst] = src
+    return (None,) * len(maps), tuple(tuple(int(i) for i in row) for row in maps)
 
 
 def _constant_offdiagonal(w: MixingMatrix) -> float | None:
@@ -149,14 +154,16 @@ def _plan(w: MixingMatrix, values: bool) -> MixPlan:
     if c is not None:
         self_weight = bool(np.any(np.abs(w.worker_diagonal() - c) > _TOL))
         return MixPlan(m, v, "mean", worker_to_aux=to_aux, aux_to_worker=from_aux, self_weight=self_weight)
-    if w.form == "mean":  # a full worker block with a varying diagonal and c = 0: local scaling
+    if w.form == "mean":
+        if not values and abs(w.c) > _TOL:  # a full support: any W in it needs the general plan
+            return MixPlan(m, v, "dense", worker_to_aux=to_aux, aux_to_worker=from_aux)
         return MixPlan(m, v, "diag", worker_to_aux=to_aux, aux_to_worker=from_aux)
     src, dst = _arcs(w.worker_offdiagonal())
     if not len(src):
         return MixPlan(m, v, "diag", worker_to_aux=to_aux, aux_to_worker=from_aux)
-    shifts, perms = _slots_from_support(src, dst, m)
+    shifts, sources = _slots_from_support(src, dst, m)
     if len(shifts) < m - 1:
-        return MixPlan(m, v, "neighbour", shifts, perms, to_aux, from_aux)
+        return MixPlan(m, v, "neighbour", shifts, sources, to_aux, from_aux)
     return MixPlan(m, v, "dense", worker_to_aux=to_aux, aux_to_worker=from_aux)
 
 
@@ -205,7 +212,7 @@ def plan_for_support(support, m: int, v: int = 0, matchings=None) -> MixPlan:
     src, dst = _arcs(_operator(support, m, v).worker_offdiagonal())
     if any((int(i), int(j)) not in covered for i, j in zip(src, dst)) or not perms or len(perms) >= m - 1:
         return plan
-    return plan._replace(shifts=(None,) * len(perms), perms=tuple(perms))
+    return plan._replace(shifts=(None,) * len(perms), sources=tuple(perms))
 
 
 def _lookup(matrix: sp.csr_array, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -223,7 +230,7 @@ def _slot_coefficients(plan: MixPlan, w: MixingMatrix) -> np.ndarray:
     ww = sp.csr_array(ww) if ww is not None else None
     coef = np.zeros((len(plan.shifts), m))
     for s in range(len(plan.shifts)):
-        src = plan.sources(s)
+        src = plan.source_array(s)
         moved = src != dst
         coef[s, moved] = _lookup(ww, src[moved], dst[moved])
     return coef
@@ -240,8 +247,8 @@ def active_slots(plan: MixPlan, w) -> MixPlan:
     coef = _slot_coefficients(plan, w)
     keep = [s for s in range(len(plan.shifts)) if np.any(np.abs(coef[s]) > _TOL)]
     if not keep:
-        return plan._replace(kind="diag", shifts=(), perms=())
-    return plan._replace(shifts=tuple(plan.shifts[s] for s in keep), perms=tuple(plan.perms[s] for s in keep))
+        return plan._replace(kind="diag", shifts=(), sources=())
+    return plan._replace(shifts=tuple(plan.shifts[s] for s in keep), sources=tuple(plan.sources[s] for s in keep))
 
 
 def coefficients(plan: MixPlan, w) -> dict[str, np.ndarray]:
@@ -275,7 +282,7 @@ def coefficients(plan: MixPlan, w) -> dict[str, np.ndarray]:
         covered = None
         if plan.kind == "neighbour":
             out["slots"] = _slot_coefficients(plan, w)
-            rows = np.concatenate([plan.sources(s) for s in range(len(plan.shifts))])
+            rows = np.concatenate([plan.source_array(s) for s in range(len(plan.shifts))])
             cols = np.tile(np.arange(m), len(plan.shifts))
             covered = sp.csr_array((np.ones(len(rows)), (rows, cols)), shape=(m, m))
         if w.form == "mean":
@@ -341,8 +348,6 @@ def mixing_traffic(w, param_bytes: float, v: int = 0) -> Communication:
         >>> t.kind, t.messages, t.bytes_per_worker, t.total_bytes
         ('all-reduce', 6, 150.0, 600.0)
     """
-    from coopsgd.core.validate import require_number
-
     p = require_number("param_bytes", param_bytes)
     w = as_operator(w, v=v)
     return communication(_plan(w, values=True), p)
@@ -351,6 +356,4 @@ def mixing_traffic(w, param_bytes: float, v: int = 0) -> Communication:
 def tree_bytes(params) -> int:
     """Bytes of one model (one column): Σ over leaves of size × itemsize — the ``param_bytes`` of
     :func:`communication`."""
-    import jax
-
     return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))

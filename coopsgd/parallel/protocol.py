@@ -12,7 +12,8 @@ Like optax's ``GradientTransformation``, a :class:`Mixer` is a NamedTuple of fun
 - ``traffic(r, param_bytes) -> Communication``: what round r's mixing sends per worker, the
   mixer's entry in the one communication account;
 - ``columns(workers, state)``: the n columns of Cooperative SGD's X that the state stands for
-  (the linear mixer appends its auxiliary columns); by default the workers themselves.
+  (the linear mixer appends its auxiliary columns); by default the workers themselves; and
+  ``from_columns(columns, state) -> (workers, state)``, its inverse, where there is one.
 
 A mixer's state lives in ``EngineState.mix_state`` and is checkpointed with it. Its
 ``per_worker`` part is laid out like the models (split over the worker axis on devices); its
@@ -90,6 +91,7 @@ class Mixer(NamedTuple):
     traffic: Callable[[int, float], Communication]
     plan: Callable[[int], MixRound] = _no_plan
     columns: Callable[[Any, MixerState], Any] | None = None
+    from_columns: Callable[[Any, MixerState], tuple[Any, MixerState]] | None = None
     name: str = "mixer"
 
 
@@ -127,21 +129,22 @@ def optimizer_sync(policy, optimizer) -> OptimizerSync:
     """
     if isinstance(policy, OptimizerSync):
         return policy
+    if not isinstance(policy, str) or policy not in SYNC_POLICIES:
+        raise ValueError(f"sync_optimizer_state must be one of {SYNC_POLICIES} or an OptimizerSync, got {policy!r}")
     if policy == "keep":
         return OptimizerSync(lambda opt, columns, axis: opt, "keep", identity=True)
     if policy == "reset":
         return OptimizerSync(lambda opt, columns, axis: jax.vmap(optimizer.init)(columns), "reset")
-    if policy == "average":
-        def average(opt, columns, axis):
-            def one(a):
-                if not jnp.issubdtype(a.dtype, jnp.floating):
-                    return a
-                return jnp.broadcast_to(axis.mean(a, keepdims=True), a.shape).astype(a.dtype)
 
-            return jax.tree.map(one, opt)
+    def average(opt, columns, axis):  # "average"
+        def one(a):
+            if not jnp.issubdtype(a.dtype, jnp.floating):
+                return a
+            return jnp.broadcast_to(axis.mean(a, keepdims=True), a.shape).astype(a.dtype)
 
-        return OptimizerSync(average, "average")
-    raise ValueError(f"sync_optimizer_state must be one of {SYNC_POLICIES}, got {policy!r}")
+        return jax.tree.map(one, opt)
+
+    return OptimizerSync(average, "average")
 
 
 class MixerError(ValueError):

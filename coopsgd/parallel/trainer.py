@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,45 +31,13 @@ from coopsgd.parallel import backends as _backends
 from coopsgd.parallel import engine as _engine
 from coopsgd.parallel.batches import BatchSource, check_leading, check_loss
 from coopsgd.parallel.collectives import WorkerAxis
+from coopsgd.parallel.hooks import Hook, RoundEnd, call_hooks, concat
 from coopsgd.parallel.linear import linear
-from coopsgd.parallel.protocol import Mixer, MixRound, check_mixer, optimizer_sync
+from coopsgd.parallel.backends import BackendName
+from coopsgd.parallel.protocol import Mixer, MixRound, OptimizerSync, SyncPolicy, check_mixer, optimizer_sync
 from coopsgd.parallel.state import EngineState, NonFiniteError, PeriodState, StepMetrics
 
-__all__ = ["CooperativeSGD", "Hook", "RoundEnd", "Stop"]
-
-
-class RoundEnd(NamedTuple):
-    """What a hook sees: the state after a round end (or the end of ``run``), the metrics of the
-    steps ``start … step − 1`` since the hook's previous call, the index of the round step
-    ``step − 1`` belongs to, and whether that round just ended with its mixing (False only at the
-    end of a run mid-round)."""
-
-    trainer: Any
-    state: EngineState
-    metrics: StepMetrics
-    start: int
-    step: int
-    round: int
-    mixed: bool
-
-
-class Stop(NamedTuple):
-    """Returned by a hook: end the run here (with ``state`` instead of the current one, if given)."""
-
-    state: EngineState | None = None
-
-
-class Hook(NamedTuple):
-    """A host callback ``fn(RoundEnd) -> EngineState | Stop | None`` for :meth:`CooperativeSGD.run`.
-
-    ``every=None`` calls it after every round; ``every=N`` after the first round end at or past
-    each multiple of N steps (so whole rounds between calls still fuse into one compiled program).
-    Both are also called once at the end of the run. Returning an ``EngineState`` replaces the state
-    (e.g. :meth:`CooperativeSGD.observe` for an adaptive period), ``Stop()`` ends the run.
-    """
-
-    fn: Callable[[RoundEnd], Any]
-    every: int | None = None
+__all__ = ["CooperativeSGD"]
 
 
 def _is_optax(optimizer) -> bool:
@@ -103,10 +70,11 @@ class CooperativeSGD:
         steps_per_call: the most steps one compiled call runs: whole rounds of a constant period
             with the same mixing structure are fused up to it, longer rounds are split.
         mixer: a :class:`~coopsgd.parallel.protocol.Mixer` to run at round ends instead of the
-            algorithm's linear W.
-        donate: let each compiled call reuse the buffers of the state it is given (the state
-            passed to :meth:`run` or :meth:`step` is consumed; keep only the returned one). About
-            a third less peak memory at scale; not on the pmap backend.
+            algorithm's own (``algorithm.mixer``, a factory) or, by default, its linear W.
+        donate: let each compiled call reuse the buffers of the state it is given: the state passed
+            to :meth:`run` or :meth:`step` is consumed, and so is every ``RoundEnd.state`` a hook
+            sees once the next call runs (copy what a hook keeps, e.g. with ``jax.device_get``).
+            Two copies of the models at peak instead of three; not on the pmap backend.
 
     Raises:
         ValueError: for an optimizer that is not an optax transformation, an unknown backend or
@@ -118,7 +86,8 @@ class CooperativeSGD:
     """
 
     def __init__(self, algorithm: Algorithm, optimizer: optax.GradientTransformation, loss_fn: Callable,
-                 backend="simulate", sync_optimizer_state="keep", has_aux: bool = False, *,
+                 backend: BackendName | _backends.Backend = "simulate",
+                 sync_optimizer_state: SyncPolicy | OptimizerSync = "keep", has_aux: bool = False, *,
                  with_rng: bool = False, track_consensus: bool = True, devices=None, mesh=None,
                  steps_per_call: int = 256, mixer: Mixer | None = None, donate: bool = False):
         if not isinstance(algorithm, Algorithm):
@@ -137,11 +106,16 @@ class CooperativeSGD:
         self.algorithm, self.optimizer, self.loss_fn = algorithm, optimizer, loss_fn
         self.m = algorithm.m
         self.backend = _backends.make_backend(backend, self.m, devices=devices, mesh=mesh)
-        self.mixer = mixer if mixer is not None else linear(
-            algorithm, prune=not isinstance(self.backend, _backends.Simulate))
+        devices = not isinstance(self.backend, _backends.Simulate)
+        if mixer is None:
+            mixer = algorithm.mixer(algorithm, devices) if algorithm.mixer is not None else linear(
+                algorithm, prune=devices)
+        if not isinstance(mixer, Mixer):
+            raise ValueError(f"{algorithm.name}'s mixer factory must return a coopsgd Mixer, got "
+                             f"{type(mixer).__name__}")
+        self.mixer = mixer
         self.spec = _engine.Spec(loss_fn, optimizer, self.mixer, optimizer_sync(sync_optimizer_state, optimizer),
                                 self.m, bool(has_aux), bool(with_rng), bool(track_consensus))
-        self.has_aux, self.with_rng, self.track_consensus = self.spec.has_aux, self.spec.with_rng, track_consensus
         self.steps_per_call = steps_per_call
         self.donate = bool(donate)
         self._programs: dict = {}
@@ -149,15 +123,27 @@ class CooperativeSGD:
         self._moves_cache: dict = {}
         self._checked_batches: set = set()
 
+    @property
+    def has_aux(self) -> bool:
+        return self.spec.has_aux
+
+    @property
+    def with_rng(self) -> bool:
+        return self.spec.with_rng
+
+    @property
+    def track_consensus(self) -> bool:
+        return self.spec.track_consensus
+
     # ------------------------------------------------------------------ rounds and their cost
-    def mixing(self, r: int = 0) -> MixRound:
+    def mix_round(self, r: int = 0) -> MixRound:
         """The r-th mixing: its static structure, run-time arguments and whether it moves data."""
         return self.mixer.plan(r)
 
     def plan(self, r: int = 0):
         """The static structure of the r-th mixing (for a linear W: its
         :class:`~coopsgd.parallel.plan.MixPlan`; compiled once per distinct value)."""
-        return self.mixing(r).static
+        return self.mix_round(r).static
 
     def communication(self, param_bytes: float, r: int = 0) -> Communication:
         """What the r-th mixing sends per worker, for a model of ``param_bytes`` bytes: a
@@ -219,14 +205,25 @@ class CooperativeSGD:
         """``u_k``: the mean of all n columns, one params pytree (Wang & Joshi, §4, ``X_k 1/n``)."""
         return jax.tree.map(lambda x: jnp.mean(x, axis=0), self.columns(state))
 
-    def with_columns(self, state: EngineState, workers) -> EngineState:
-        """``state`` with its m worker models replaced by ``workers`` (leaves (m, …), the same
-        structure, shapes and dtypes), placed in this backend's layout."""
-        old = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), self.workers(state))
-        new = jax.tree.map(lambda x: (tuple(np.shape(x)), jnp.result_type(x)), workers)
-        if jax.tree.structure(old) != jax.tree.structure(new) or jax.tree.leaves(old) != jax.tree.leaves(new):
-            raise ValueError(f"with_columns needs the worker models' structure, shapes and dtypes {old}, got {new}")
-        return state._replace(params=self.backend.place_workers(jax.tree.map(np.asarray, workers)))
+    def with_columns(self, state: EngineState, columns) -> EngineState:
+        """``state`` with its models replaced, placed in this backend's layout: ``columns`` are the
+        m workers (leaves (m, …)) or, for a mixer with auxiliary columns such as the linear W's,
+        the n columns of :meth:`columns` (its ``from_columns`` writes the auxiliary part into the
+        mixer's state). Structure, shapes and dtypes must match."""
+        def signature(tree):
+            return jax.tree.structure(tree), [(tuple(np.shape(x)), jnp.result_type(x)) for x in jax.tree.leaves(tree)]
+
+        given, mix_state = signature(columns), state.mix_state
+        if given != signature(self.workers(state)):
+            if self.mixer.from_columns is None or given != signature(self.columns(state)):
+                raise ValueError(f"with_columns needs the m workers' (or the n columns') structure, shapes "
+                                 f"and dtypes {signature(self.workers(state))}, got {given}")
+            host_state = mix_state._replace(shared=self.backend.shared(mix_state.shared))
+            columns, host_state = self.mixer.from_columns(columns, host_state)
+            mix_state = self.backend.place_mix_state(host_state._replace(
+                per_worker=jax.tree.map(np.asarray, self.backend.workers(host_state.per_worker))))
+        return state._replace(params=self.backend.place_workers(jax.tree.map(np.asarray, columns)),
+                              mix_state=mix_state)
 
     def observe(self, state: EngineState, **report) -> EngineState:
         """Feed what the loop measured at a round end (``loss``, ``time``, ``consensus``, …) to an
@@ -279,7 +276,7 @@ class CooperativeSGD:
     def _call(self, state: EngineState, batches, rounds: int, length: int, r0: int, mixes: bool):
         """Run ``rounds`` rounds of ``length`` steps starting at round index ``r0``."""
         check_leading(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batches), self.m)
-        lead = 2 if isinstance(self.backend, _backends.Pmap) else 1
+        lead = self.backend.layout_axes
         self._check_batch(batches, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[lead:], x.dtype),
                                                 state.params))
         if mixes:
@@ -384,25 +381,15 @@ class CooperativeSGD:
                 r += rounds
                 state = state._replace(period=PeriodState(k - length, length, p.rule) if rounds > 1 else p)
             pieces.append(metrics)
-            last = k - k0 >= steps
-            for i, h in enumerate(hooks):
-                start_index, start_step = marks[i]
-                if not (last or (mixes and (h.every is None or k // h.every > start_step // h.every))):
-                    continue
-                since = _concat(pieces[start_index:])
-                result = h.fn(RoundEnd(self, state, since, start_step, k, r - 1 if mixes else r, mixes))
-                marks[i] = (len(pieces), k)
-                if isinstance(result, Stop):
-                    stop, state = True, result.state if result.state is not None else state
-                elif isinstance(result, EngineState):
-                    state = result
-                elif result is not None:
-                    raise ValueError(f"a hook returns None, an EngineState or Stop(), got {type(result).__name__}")
+            ended = RoundEnd(self, state, None, None, k, r - 1 if mixes else r, mixes)
+            state, stop = call_hooks(hooks, marks, pieces, ended, final=k - k0 >= steps)
+            if stop:  # the run ends here: every hook not yet called at this step gets its last call
+                state, _ = call_hooks(hooks, marks, pieces, ended._replace(state=state), final=True)
         if not pieces:
             empty = StepMetrics(np.zeros((0, self.m)), np.zeros(0), np.zeros(0, bool),
                                 np.zeros(0) if self.track_consensus else None, np.zeros(0, bool))
             return state, empty
-        return state, _concat(pieces)
+        return state, concat(pieces)
 
     def _raise_if_nonfinite(self, metrics: StepMetrics, k0: int, after_mixing: bool):
         finite = np.asarray(metrics.finite)
@@ -474,9 +461,3 @@ class CooperativeSGD:
             return be.mapped(local).lower(operands)
         fn = jax.jit(be.shard_mapped(local)) if isinstance(be, _backends.ShardMap) else jax.jit(local)
         return fn.lower(*operands)
-
-
-def _concat(pieces: list[StepMetrics]) -> StepMetrics:
-    if len(pieces) == 1:
-        return pieces[0]
-    return jax.tree.map(lambda *xs: jnp.concatenate([jnp.asarray(x) for x in xs]), *pieces)

@@ -45,10 +45,10 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=100, metavar="S", help="seeds, vmapped (default 100)")
     p.add_argument("--topology", nargs="+", default=None, metavar="NAME",
                    help="graph(s) for dpsgd / decentralized_periodic / matcha (default ring)")
-    p.add_argument("--weights", default="metropolis", metavar="RULE", help="weight rule (default metropolis)")
+    p.add_argument("--weights", metavar="RULE", help=f"weight rule (default {_default('weights')})")
     p.add_argument("--alpha", type=float, default=None,
                    help="EASGD / Overlap alpha (EASGD default 2/(m+2), Overlap Local-SGD 0.5)")
-    p.add_argument("--budget", type=float, default=0.5, help="MATCHA communication budget (default 0.5)")
+    p.add_argument("--budget", type=float, help=f"MATCHA communication budget (default {_default('budget')})")
     p.add_argument("--problem", default="quadratic", metavar="NAME", help=f"one of: {', '.join(PROBLEMS)}")
     p.add_argument("--dim", "-d", type=int, default=10, help="problem dimension (default 10)")
     p.add_argument("--L", type=float, default=1.0, dest="smoothness", help="quadratic: L (default 1)")
@@ -61,6 +61,12 @@ def register(subparsers) -> None:
     p.add_argument("--no-exact", action="store_true", help="skip the exact recursion (quadratics)")
     p.add_argument("--plot", metavar="PNG", help="save empirical vs bound against the row index")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _default(key: str):
+    from coopsgd.app import config
+
+    return config.DEFAULTS[key]
 
 
 def _valid(kind: str, name: str, valid) -> str:
@@ -76,10 +82,10 @@ def _topology_names():
 
 
 def make_algorithm(name: str, m: int, tau: int, *, topology: str | None = None,
-                   weights: str = "metropolis", alpha: float | None = None, budget: float = 0.5,
+                   weights: str | None = None, alpha: float | None = None, budget: float | None = None,
                    seed: int = 0):
-    """The named algorithm (from the registry) with m workers and period τ (on the named topology
-    for graph algorithms)."""
+    """The named algorithm from the registry with m workers and period τ; the keys left None
+    take the configuration's defaults (``coopsgd.app.config.DEFAULTS``), as in compare and train."""
     from coopsgd.app import config
 
     _valid("algorithm", name, registry.names(theory=True))
@@ -87,10 +93,12 @@ def make_algorithm(name: str, m: int, tau: int, *, topology: str | None = None,
     if topology is not None:
         _valid("topology", topology, _topology_names())  # a bad name is still bad input
     if entry.period == "one" and tau != 1:
-        raise CommandError(f"{name} has tau = 1 by definition, got --tau {tau}; use a periodic algorithm "
-                           "(local_sgd, decentralized_periodic) for tau > 1")
-    cfg = config.make_config({"algorithm": name, "workers": m, "tau": tau, "topology": topology or "ring",
-                              "weights": weights, "mixing_alpha": alpha, "budget": budget, "seed": seed})
+        periodic = [n for n in registry.names(theory=True) if registry.get(n).period == "tau"]
+        raise CommandError(f"{name} has tau = 1 by definition, got --tau {tau}; for tau > 1 use one of "
+                           f"{', '.join(periodic)}")
+    given = {"topology": topology, "weights": weights, "mixing_alpha": alpha, "budget": budget}
+    cfg = config.make_config({"algorithm": name, "workers": m, "tau": tau, "seed": seed},
+                             {k: v for k, v in given.items() if v is not None})
     return registry.build(cfg)[0]
 
 
