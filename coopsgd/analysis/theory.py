@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from coopsgd.algorithms import matcha as _matcha
-from coopsgd.core import spectral
+from coopsgd.core import schedules
 from coopsgd.core.operator import as_operator
 from coopsgd.core.validate import require_int as _integer
 from coopsgd.core.validate import require_number
@@ -366,9 +366,7 @@ def contraction(w) -> float:
             return float(schedule.contraction())
         except NotImplementedError as err:
             raise ValueError(f"E[W^T W] is not known in closed form for {schedule!r}: {err}") from None
-    w = as_operator(w)
-    gram = w.T @ w
-    return spectral.norm_minus_averaging(gram)
+    return float(schedules.static(as_operator(w)).contraction())
 
 
 def matching_contraction(laplacians: Sequence[np.ndarray], probabilities, alpha) -> float:
