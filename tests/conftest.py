@@ -20,13 +20,13 @@ def traffic_of(algorithm, param_bytes):
 
 
 # ---------------------------------------------------------------------------- shared helpers
-import jax.numpy as jnp  # noqa: E402  (after the flags above)
-import networkx as nx  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax.numpy as jnp
+import networkx as nx
+import numpy as np
+import optax
 
-import coopsgd  # noqa: E402
-from coopsgd import schedules  # noqa: E402
+import coopsgd
+from coopsgd import schedules
 
 D_IN, B = 3, 4  # model size, samples per worker per step
 LR = 0.1

@@ -9,14 +9,13 @@ import networkx as nx
 import numpy as np
 import optax
 import pytest
+from conftest import INIT, RandomMatchings, loss_fn, make_batches
 
 import coopsgd
 from coopsgd import schedules
 from coopsgd.parallel import backends
-from coopsgd.parallel.collectives import exchange_tables
 from coopsgd.parallel import plan as plans
-
-from conftest import INIT, RandomMatchings, loss_fn, make_batches
+from coopsgd.parallel.collectives import exchange_tables
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (forced) devices")
 
@@ -46,6 +45,15 @@ ALGOS = {
     "dense_star_m8": lambda: coopsgd.dpsgd(nx.star_graph(7)),
     # Non-circulant sparse W: permutation slots whose exchange tables differ from device to device.
     "torus_dpsgd_m16": lambda: coopsgd.dpsgd(nx.grid_2d_graph(4, 4, periodic=True)),
+    # Mixers beyond linear gossip, two workers per device.
+    "choco_top_k_torus_m16": lambda: coopsgd.choco_sgd(nx.grid_2d_graph(4, 4, periodic=True), 0.5,
+                                                       coopsgd.compression.top_k(0.34)),
+    "choco_random_k_ring_m16": lambda: coopsgd.choco_sgd(nx.cycle_graph(16), 0.7, coopsgd.compression.random_k(0.5)),
+    "choco_qsgd_star_m8": lambda: coopsgd.choco_sgd(nx.star_graph(7), 0.5, coopsgd.compression.qsgd(4)),
+    "push_sum_exponential_m16": lambda: coopsgd.push_sum(coopsgd.topology.one_peer_exponential_digraphs(16)),
+    "gradient_tracking_ring_m16": lambda: coopsgd.gradient_tracking(nx.cycle_graph(16)),
+    "diloco_m16": lambda: coopsgd.diloco(16, 2),
+    "streaming_diloco_m16": lambda: coopsgd.streaming_diloco(16, 4, fragments=2, alpha=0.25),
 }
 
 

@@ -15,8 +15,8 @@ import optax
 import pytest
 
 import coopsgd
-from coopsgd.app import checkpoint as ckpt
 from coopsgd import CooperativeSGD
+from coopsgd.app import checkpoint as ckpt
 
 
 def _trainer():

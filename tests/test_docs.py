@@ -28,7 +28,7 @@ def test_docstring_examples(name):
 @pytest.mark.parametrize("page", ["algorithms.md", "adaptive.md"])
 def test_worked_examples_print_what_the_page_says(page):
     text = (DOCS / page).read_text()
-    blocks = re.findall(r"```python\n(.*?)```\n\nprints\n\n```\n(.*?)```", text, re.S)
+    blocks = re.findall(r"```python\n(.*?)```\n\nprints\n\n```\n(.*?)```", text, re.DOTALL)
     assert blocks, f"docs/{page} lost its worked example"
     for code, expected in blocks:
         out = io.StringIO()
@@ -47,7 +47,7 @@ def test_algorithms_md_table_zetas():
 
 
 def _python_blocks(page: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S)
+    return re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.DOTALL)
 
 
 @pytest.mark.parametrize("index", range(len(_python_blocks("engine.md"))))

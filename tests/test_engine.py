@@ -10,13 +10,22 @@ import networkx as nx
 import numpy as np
 import optax
 import pytest
+from conftest import (
+    D_IN,
+    INIT,
+    LR,
+    B,
+    RandomMatchings,
+    grad_np,
+    local_sgd_np,
+    loss_fn,
+    make_batches,
+    run_engine,
+)
 
 import coopsgd
 from coopsgd import schedules
 from coopsgd.parallel import plan as plans
-
-from conftest import (B, D_IN, INIT, LR, RandomMatchings, grad_np, local_sgd_np, loss_fn, make_batches,
-                      run_engine)
 
 
 class TestMix:
@@ -196,7 +205,7 @@ class TestEquivalences:
         def mix_np(t, w, b):  # Lian et al.: average with both ring neighbours, weights 1/3
             if (t + 1) % tau:
                 return w, b
-            avg = lambda a: (np.roll(a, 1, axis=0) + a + np.roll(a, -1, axis=0)) / 3  # noqa: E731
+            avg = lambda a: (np.roll(a, 1, axis=0) + a + np.roll(a, -1, axis=0)) / 3
             return avg(w), avg(b)
 
         ew, eb = local_sgd_np(batches, steps, m, 0, mix_np)
@@ -251,9 +260,9 @@ class TestTimeVarying:
                 return w, b
             r = (step + 1) // tau - 1
             if r % 2 == 0:
-                avg = lambda a: (np.roll(a, 1, axis=0) + a + np.roll(a, -1, axis=0)) / 3  # noqa: E731
+                avg = lambda a: (np.roll(a, 1, axis=0) + a + np.roll(a, -1, axis=0)) / 3
             else:
-                avg = lambda a: np.broadcast_to(a.mean(0), a.shape).copy()  # noqa: E731
+                avg = lambda a: np.broadcast_to(a.mean(0), a.shape).copy()
             return avg(w), avg(b)
 
         ew, eb = local_sgd_np(batches, steps, m, 0, mix_np)

@@ -40,7 +40,7 @@ def test_engine_doc_quick_start_runs():
     import re
 
     text = (EXAMPLES.parent / "docs" / "engine.md").read_text()
-    block = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    block = re.findall(r"```python\n(.*?)```", text, re.DOTALL)[0]
     scope: dict = {}
     exec(block, scope)  # noqa: S102 - the documented snippet, verbatim
     assert scope["metrics"].loss.shape == (100,)

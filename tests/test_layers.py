@@ -10,8 +10,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "coopsgd"
 
 MAY_IMPORT = {
     "core": {"core"},
-    "algorithms": {"core", "algorithms"},
-    "parallel": {"core", "algorithms", "parallel"},
+    "parallel": {"core", "parallel"},
+    "algorithms": {"core", "parallel", "algorithms"},
     "analysis": {"core", "algorithms", "parallel", "analysis"},
     "sim": {"core", "sim"},
     "app": {"core", "algorithms", "parallel", "analysis", "sim", "app", "top"},

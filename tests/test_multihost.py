@@ -9,7 +9,6 @@ import pathlib
 
 import numpy as np
 
-
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "multi_host.py"
 
 

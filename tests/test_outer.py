@@ -6,14 +6,18 @@ import numpy as np
 import optax
 import pytest
 
-from coopsgd.algorithms.overlap import overlap_matrix
-from coopsgd.algorithms.overlap import OverlapMState, overlap_m, overlap_m_sync
 from coopsgd.algorithms.outer import (
     average_workers,
     broadcast_workers,
     outer_momentum,
     outer_optimizer,
     pseudo_gradient,
+)
+from coopsgd.algorithms.overlap import (
+    OverlapMState,
+    overlap_m,
+    overlap_m_sync,
+    overlap_matrix,
 )
 
 JIT = pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])

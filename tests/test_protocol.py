@@ -13,12 +13,11 @@ import networkx as nx
 import numpy as np
 import optax
 import pytest
+from conftest import INIT, LR, grad_np, loss_fn, make_batches
 
 import coopsgd
 from coopsgd.app import checkpoint as ckpt
 from coopsgd.parallel.protocol import MixerError
-
-from conftest import INIT, LR, grad_np, loss_fn, make_batches
 
 BETA = 0.5
 
@@ -264,7 +263,7 @@ def test_pure_round_functions_inside_your_own_jit():
 
     @jax.jit
     def my_step(x, o, s, k, key, batch, mixes):
-        x, o, _, _ = engine.local_step(spec, axis, x, o, k, key, batch)
+        x, o, s, _, _ = engine.local_step(spec, axis, x, o, s, k, key, batch)
         mixed = engine.round_end(spec, axis, x, o, s, coopsgd.MixRound(mixing.static, mixing.args, mixing.moves), True)
         return jax.tree.map(lambda a, b: jnp.where(mixes, a, b), mixed, (x, o, s))
 

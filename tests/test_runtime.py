@@ -3,11 +3,10 @@
 import networkx as nx
 import numpy as np
 import pytest
+from conftest import traffic_of
 
 import coopsgd
 from coopsgd.sim import runtime as rt
-
-from conftest import traffic_of
 
 
 def _fixed(table):

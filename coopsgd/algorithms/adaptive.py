@@ -20,22 +20,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-
-
 from typing import NamedTuple
 
 from coopsgd.core.schedules import AdaptivePeriod
 from coopsgd.core.validate import require_int, require_number
 
 __all__ = [
-    "adacomm_period",
+    "ADPSGD",
+    "ADPSGDRound",
+    "ADPSGDState",
     "AdaComm",
     "AdaCommState",
     "AdaCommUpdate",
-    "ADPSGDState",
-    "ADPSGDRound",
     "adacomm",
-    "ADPSGD",
+    "adacomm_period",
     "adpsgd",
     "consensus_distance",
 ]

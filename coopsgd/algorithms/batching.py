@@ -40,16 +40,16 @@ import jax.numpy as jnp
 from coopsgd.core.validate import require_int
 
 __all__ = [
+    "BatchSizeController",
     "BatchStats",
     "BatchTest",
+    "augmented_inner_product_test",
     "batch_stats",
+    "inner_product_test",
+    "norm_test",
+    "orthogonality_test",
     "pool",
     "worker_stats",
-    "norm_test",
-    "inner_product_test",
-    "orthogonality_test",
-    "augmented_inner_product_test",
-    "BatchSizeController",
 ]
 
 

@@ -8,13 +8,20 @@ References:
 
 from __future__ import annotations
 
+from typing import Literal
+
 import networkx as nx
 
 from coopsgd.core import mixing, spectral, topology
 from coopsgd.core.algorithm import Algorithm
 from coopsgd.core.operator import MixingMatrix
+from coopsgd.core.validate import require_choice
+from coopsgd.parallel.linear import linear_unmixed
 
-__all__ = ["dpsgd", "decentralized_periodic", "consensus_matrix"]
+FORMS = ("cooperative", "lian")
+"""D-PSGD's two update orders (see :func:`dpsgd`)."""
+
+__all__ = ["FORMS", "consensus_matrix", "decentralized_periodic", "dpsgd"]
 
 
 def consensus_matrix(graph_or_w, weights="metropolis", purpose: str = "consensus") -> MixingMatrix:
@@ -39,17 +46,29 @@ def consensus_matrix(graph_or_w, weights="metropolis", purpose: str = "consensus
     return w
 
 
-def dpsgd(graph_or_W, weights="metropolis") -> Algorithm:
-    """Decentralized parallel SGD: after every step each worker averages with its neighbours by W.
+def dpsgd(graph_or_W, weights="metropolis", form: Literal["cooperative", "lian"] = "cooperative") -> Algorithm:
+    """Decentralized parallel SGD: after every step each worker averages with its neighbours by W
+    (a symmetric doubly stochastic W on a connected graph, τ = 1, v = 0). Pass a networkx graph
+    (weighted by the ``weights`` rule) or W itself.
 
-    ``x_j ← Σ_i W[i, j] (x_i − η g_i)`` with a symmetric doubly stochastic W on a connected graph
-    (τ = 1, v = 0). Pass a networkx graph (weighted by the ``weights`` rule) or W itself.
+    Two forms, which differ by ``η(G − GW)`` per step:
+
+    - ``"cooperative"`` (default; adapt, then combine): ``x_i ← Σ_j W_ij (x_j − η g_j(x_j))``,
+      Cooperative SGD's ``X ← (X − ηG)W``, whose analysis (Wang & Joshi, §3.3) covers it;
+    - ``"lian"``: ``x_i ← Σ_j W_ij x_j − η g_i(x_i)`` (Lian et al., Algorithm 1): the gradient
+      step is not mixed. It keeps one more copy of the models (x_t, where the gradient was taken).
+
+    With an optax optimizer, ``−η g`` is the optimizer's update.
 
     References:
         Lian et al., "Can decentralized algorithms outperform centralized algorithms?", NeurIPS
-        2017; Wang & Joshi, "Cooperative SGD", §3.3.
+        2017, Algorithm 1; Wang & Joshi, "Cooperative SGD", arXiv:1808.07576, §3.3.
     """
-    return Algorithm(consensus_matrix(graph_or_W, weights, "D-PSGD"), tau=1, name="dpsgd")
+    form = require_choice("form", form, FORMS, "D-PSGD forms")
+    w = consensus_matrix(graph_or_W, weights, "D-PSGD")
+    if form == "lian":
+        return Algorithm(w, tau=1, name="dpsgd_lian", mixer=linear_unmixed)
+    return Algorithm(w, tau=1, name="dpsgd")
 
 
 def decentralized_periodic(graph_or_W, tau, weights="metropolis") -> Algorithm:

@@ -29,22 +29,21 @@ import math
 import networkx as nx
 import numpy as np
 
-
 from coopsgd.core import mixing, schedules, spectral, topology
 from coopsgd.core.algorithm import Algorithm
 from coopsgd.core.operator import MixingMatrix
 from coopsgd.core.validate import require_int
 
 __all__ = [
-    "matcha",
     "MatchaSchedule",
-    "matching_laplacians",
     "activation_probabilities",
     "algebraic_connectivity",
-    "expected_laplacian_moments",
-    "expected_gram",
-    "contraction",
     "best_alpha",
+    "contraction",
+    "expected_gram",
+    "expected_laplacian_moments",
+    "matcha",
+    "matching_laplacians",
 ]
 
 

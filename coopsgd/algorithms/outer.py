@@ -26,29 +26,37 @@ form above is the general one (any optax outer optimizer, a changing learning ra
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from coopsgd.core.algorithm import Algorithm
-from coopsgd.core.operator import MixingMatrix
+from coopsgd.core.operator import MixingMatrix, averaging
 from coopsgd.core.validate import require_fraction, require_int, require_number
+from coopsgd.parallel import plan as _plan
+from coopsgd.parallel.collectives import WorkerAxis
+from coopsgd.parallel.protocol import Mixer, MixerState, MixRound
 
 __all__ = [
-    "pseudo_gradient",
-    "outer_momentum",
-    "OuterState",
     "OuterOptimizer",
-    "outer_optimizer",
+    "OuterState",
     "average_workers",
     "broadcast_workers",
     "global_momentum_matrix",
     "local_sgd_global_momentum",
+    "outer_mixer",
+    "outer_momentum",
+    "outer_optimizer",
+    "pseudo_gradient",
+    "require_optax",
 ]
 
 
@@ -181,13 +189,84 @@ def global_momentum_matrix(m: int, lr: float = 1.0, momentum: float = 0.9) -> Mi
     return MixingMatrix.mean(np.full(m, g / m), g / m, wa, aw, aa)
 
 
-def local_sgd_global_momentum(m: int, tau, lr: float = 1.0, momentum: float = 0.9) -> Algorithm:
-    """Local SGD with heavy-ball global (outer) momentum as A(τ, W, v = 2) (see
-    :func:`global_momentum_matrix`); ``lr = 1, momentum = 0`` is plain local SGD.
+def require_optax(name: str, tx) -> optax.GradientTransformation:
+    """``tx`` if it is an optax transformation (``init`` and ``update``); else ValueError naming it."""
+    if isinstance(tx, optax.GradientTransformation) or (
+            callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        return tx
+    raise ValueError(f"{name} must be an optax GradientTransformation (e.g. optax.sgd(0.7, momentum=0.9, "
+                     f"nesterov=True)), got {tx!r} of type {type(tx).__name__}")
+
+
+def _bounds(size: int, fragments: int) -> list[tuple[int, int]]:
+    cuts = np.linspace(0, size, fragments + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in itertools.pairwise(cuts)]
+
+
+def _outer_step(tx, theta, outer, mean):
+    delta = jax.tree.map(lambda t, a: t - a.astype(t.dtype), theta, mean)
+    updates, outer = tx.update(delta, outer, theta)
+    return optax.apply_updates(theta, updates), outer
+
+
+def outer_mixer(algorithm: Algorithm, devices: bool = False, *, tx: optax.GradientTransformation,
+                fragments: int = 1, alpha: float = 0.0) -> Mixer:
+    """The outer-optimizer mixing: round r synchronises fragment ``r mod fragments`` (all of the
+    model for ``fragments = 1``). Its shared state is θ_global (the first worker's model at the
+    start) and one outer optimizer state per fragment."""
+    m = algorithm.m
+    full = _plan.plan_for_matrix(averaging(m), m)
+
+    def init(columns) -> MixerState:
+        theta = jax.tree.map(lambda x: jnp.asarray(x[0]), columns)
+        if fragments == 1:
+            return MixerState(shared={"global": theta, "outer": (tx.init(theta),)})
+        flat, _ = ravel_pytree(theta)
+        if flat.shape[0] < fragments:
+            raise ValueError(f"a model of {flat.shape[0]} entries cannot be split into {fragments} fragments")
+        outer = tuple(tx.init(flat[a:b]) for a, b in _bounds(flat.shape[0], fragments))
+        return MixerState(shared={"global": theta, "outer": outer})
+
+    def apply(columns, state: MixerState, mix_round: MixRound, axis: WorkerAxis):
+        theta, outer = state.shared["global"], list(state.shared["outer"])
+        f = mix_round.static or 0
+        if fragments == 1:
+            mean = jax.tree.map(axis.mean, columns)
+            theta, outer[0] = _outer_step(tx, theta, outer[0], mean)
+            workers = jax.tree.map(lambda x, t: jnp.broadcast_to(t.astype(x.dtype), x.shape), columns, theta)
+            return workers, MixerState(shared={"global": theta, "outer": tuple(outer)})
+        flat_theta, unravel = ravel_pytree(theta)
+        lo, hi = _bounds(flat_theta.shape[0], fragments)[f]
+        flat_x = jax.vmap(lambda c: ravel_pytree(c)[0])(columns)
+        fragment, outer[f] = _outer_step(tx, flat_theta[lo:hi], outer[f], axis.mean(flat_x[:, lo:hi]))
+        blended = alpha * flat_x[:, lo:hi] + (1.0 - alpha) * fragment[None, :].astype(flat_x.dtype)
+        workers = jax.vmap(unravel)(flat_x.at[:, lo:hi].set(blended.astype(flat_x.dtype)))
+        theta = unravel(flat_theta.at[lo:hi].set(fragment))
+        return workers, MixerState(shared={"global": theta, "outer": tuple(outer)})
+
+    def plan(r: int) -> MixRound:
+        return MixRound(static=r % fragments if fragments > 1 else None)
+
+    def traffic(r: int, param_bytes: float):
+        return _plan.communication(full, float(param_bytes) / fragments)
+
+    kind = "DiLoCo" if fragments == 1 else f"Streaming DiLoCo ({fragments} fragments)"
+    return Mixer(init=init, apply=apply, traffic=traffic, plan=plan, name=f"{kind} outer optimizer")
+
+
+def local_sgd_global_momentum(m: int, tau, lr: float | Callable = 1.0, momentum: float = 0.9) -> Algorithm:
+    """Local SGD with heavy-ball global (outer) momentum; ``lr = 1, momentum = 0`` is plain local
+    SGD. With a constant outer ``lr`` it is A(τ, W, v = 2) (see :func:`global_momentum_matrix`);
+    with ``lr`` an optax schedule of the synchronisations it runs as DiLoCo's outer-optimizer
+    mixer with :func:`outer_momentum` ``(lr, momentum)`` (:func:`coopsgd.algorithms.diloco.diloco`).
 
     References:
         Wang, Tantia, Ballas & Rabbat, "SlowMo", ICLR 2020, Algorithm 1 (α = γ; buffer in model
         units, equal to the paper's for a constant inner learning rate).
     """
+    if callable(lr):
+        m = require_int("m", m, 1)
+        return Algorithm(averaging(m), tau=tau, name="local_sgd_global_momentum",
+                         mixer=partial(outer_mixer, tx=outer_momentum(lr, momentum)))
     return Algorithm(global_momentum_matrix(m, lr, momentum), tau=tau, v=2, name="local_sgd_global_momentum")
 

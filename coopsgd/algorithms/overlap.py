@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -28,18 +29,22 @@ import numpy as np
 import scipy.sparse as sp
 
 from coopsgd.core.algorithm import Algorithm
-from coopsgd.core.operator import MixingMatrix
+from coopsgd.core.operator import MixingMatrix, averaging
 from coopsgd.core.validate import require_fraction, require_int, require_number
+from coopsgd.parallel import plan as _plan
+from coopsgd.parallel.collectives import WorkerAxis
+from coopsgd.parallel.protocol import Mixer, MixerState, MixRound
 
 __all__ = [
-    "overlap_local_sgd",
-    "overlap_matrix",
-    "OverlapMState",
     "OverlapM",
-    "overlap_m",
-    "overlap_m_sync",
-    "overlap_m_matrix",
+    "OverlapMState",
+    "overlap_local_sgd",
     "overlap_local_sgd_momentum",
+    "overlap_m",
+    "overlap_m_matrix",
+    "overlap_m_mixer",
+    "overlap_m_sync",
+    "overlap_matrix",
 ]
 
 _ALPHA = "Overlap Local-SGD pull-back weight"
@@ -85,16 +90,17 @@ class OverlapMState(NamedTuple):
     momentum: Any
 
 
-def overlap_m_sync(workers, state: OverlapMState, *, alpha, beta, lr):
+def overlap_m_sync(workers, state: OverlapMState, *, alpha, beta, lr, axis: WorkerAxis | None = None):
     """One Overlap-M synchronisation (see the module docstring for the equations).
 
     Args:
-        workers: stacked worker models, leading axis m.
+        workers: stacked worker models, leading axis m (this device's, with ``axis``).
         state: the anchor z and momentum u from the previous synchronisation.
         alpha: pull-back weight α ∈ [0, 1).
         beta: anchor momentum β ∈ [0, 1).
         lr: the current (inner) learning rate η > 0; the buffer is kept in units of 1/η as in the
             authors' code, so β = 0 gives ``z ← x̄`` for any η.
+        axis: the worker axis the mean runs over (default: all workers are in ``workers``).
 
     Returns:
         ``(pulled_back_workers, OverlapMState(new_anchor, new_momentum))``.
@@ -104,7 +110,7 @@ def overlap_m_sync(workers, state: OverlapMState, *, alpha, beta, lr):
     if isinstance(lr, numbers.Real):
         require_number("lr", lr, positive=True, rule="the learning rate the anchor momentum is scaled by")
     pulled = jax.tree.map(lambda x, z: (1.0 - alpha) * x + alpha * z, workers, state.anchor)
-    mean = jax.tree.map(lambda x: jnp.mean(x, axis=0), pulled)
+    mean = jax.tree.map(lambda x: jnp.mean(x, axis=0) if axis is None else axis.mean(x), pulled)
     momentum = jax.tree.map(lambda u, z, xb: beta * u + (z - xb) / lr, state.momentum, state.anchor, mean)
     anchor = jax.tree.map(lambda z, u: z - lr * u, state.anchor, momentum)
     return pulled, OverlapMState(anchor=anchor, momentum=momentum)
@@ -160,12 +166,44 @@ def overlap_m_matrix(m: int, alpha: float, beta: float) -> MixingMatrix:
     return MixingMatrix.from_blocks(sp.identity(m, format="csr") * (1.0 - a), wa, aw, aa)
 
 
-def overlap_local_sgd_momentum(m: int, tau, alpha: float = 0.6, beta: float = 0.7) -> Algorithm:
-    """Overlap Local-SGD with anchor momentum (Overlap-M) as A(τ, W, v = 2), exact for a constant
-    learning rate (see :func:`overlap_m_matrix`). W is column-stochastic but not symmetric, so
-    Theorem 1 of Cooperative SGD does not apply.
+def overlap_m_mixer(algorithm: Algorithm, devices: bool = False, *, alpha: float, beta: float,
+                    lr: Callable) -> Mixer:
+    """Overlap-M's synchronisation (:func:`overlap_m_sync`) as a mixer, for a learning rate that
+    changes: ``lr(k)`` is the inner learning rate of update k (an optax schedule), read at the
+    round's last update ``k = step − 1``. Its shared state is the anchor and the momentum buffer."""
+    full = _plan.plan_for_matrix(averaging(algorithm.m), algorithm.m)
+
+    def init(columns) -> MixerState:
+        anchor = jax.tree.map(lambda x: jnp.asarray(x[0]), columns)
+        return MixerState(shared=OverlapMState(anchor, jax.tree.map(jnp.zeros_like, anchor)))
+
+    def apply(columns, state: MixerState, mix_round: MixRound, axis: WorkerAxis):
+        eta = jnp.asarray(lr(mix_round.step - 1), jnp.float32)
+        pulled, shared = overlap_m_sync(columns, state.shared, alpha=alpha, beta=beta, lr=eta, axis=axis)
+        shared = jax.tree.map(lambda new, old: new.astype(old.dtype), shared, state.shared)
+        return pulled, MixerState(shared=shared)
+
+    return Mixer(init=init, apply=apply, traffic=lambda r, p: _plan.communication(full, p),
+                 name=f"Overlap-M (alpha={alpha:g}, beta={beta:g})")
+
+
+def overlap_local_sgd_momentum(m: int, tau, alpha: float = 0.6, beta: float = 0.7,
+                               lr: float | Callable | None = None) -> Algorithm:
+    """Overlap Local-SGD with anchor momentum (Overlap-M).
+
+    With ``lr=None`` (or a number: a constant learning rate) it is A(τ, W, v = 2), exact for a
+    constant learning rate (see :func:`overlap_m_matrix`); W is column-stochastic but not
+    symmetric, so Theorem 1 of Cooperative SGD does not apply. With ``lr`` an optax schedule of the
+    inner updates (the one the inner optimizer uses), the synchronisation runs as
+    :func:`overlap_m_mixer`, the buffer kept in units of 1/η as in the authors' code.
 
     References:
         Wang, Liang & Joshi, "Overlap Local-SGD", ICASSP 2020, arXiv:2002.09539.
     """
-    return Algorithm(overlap_m_matrix(m, alpha, beta), tau=tau, v=2, name="overlap_local_sgd_momentum")
+    if not callable(lr):
+        return Algorithm(overlap_m_matrix(m, alpha, beta), tau=tau, v=2, name="overlap_local_sgd_momentum")
+    m = require_int("m", m, 1)
+    alpha = require_fraction("alpha", alpha, rule=_ALPHA)
+    beta = require_fraction("beta", beta, rule=_BETA)
+    return Algorithm(averaging(m), tau=tau, name="overlap_local_sgd_momentum",
+                     mixer=partial(overlap_m_mixer, alpha=alpha, beta=beta, lr=lr))

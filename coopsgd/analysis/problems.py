@@ -26,13 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "Problem",
-    "Quadratic",
     "LinearRegression",
     "LogisticRegression",
-    "quadratic",
+    "Problem",
+    "Quadratic",
     "linear_regression",
     "logistic_regression",
+    "quadratic",
 ]
 
 

@@ -35,18 +35,18 @@ from coopsgd.core.validate import require_number
 
 __all__ = [
     "Bound",
-    "StepSizeWarning",
-    "cooperative_bound",
-    "bound_for",
-    "network_factor",
     "LRCondition",
-    "lr_condition",
     "OptimalLR",
-    "optimal_lr",
-    "linear_speedup_lr",
+    "StepSizeWarning",
+    "bound_for",
     "contraction",
-    "matching_contraction",
+    "cooperative_bound",
     "effective_zeta",
+    "linear_speedup_lr",
+    "lr_condition",
+    "matching_contraction",
+    "network_factor",
+    "optimal_lr",
 ]
 
 

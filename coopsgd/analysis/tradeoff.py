@@ -17,7 +17,7 @@ import numpy as np
 from coopsgd.core.validate import require_int as _integer
 from coopsgd.core.validate import require_number
 
-__all__ = ["iteration_time", "local_sgd_speedup", "runtime_bound", "optimal_tau"]
+__all__ = ["iteration_time", "local_sgd_speedup", "optimal_tau", "runtime_bound"]
 
 
 def iteration_time(

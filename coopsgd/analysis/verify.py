@@ -32,10 +32,10 @@ from coopsgd.analysis.exact import check_run_args, exact_expected_error
 __all__ = [
     "BoundCheck",
     "check_bound",
-    "gradient_norms",
-    "sweep",
     "format_table",
+    "gradient_norms",
     "plot",
+    "sweep",
 ]
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from coopsgd.parallel.state import PeriodState
 
-__all__ = ["Checkpointer", "latest_step", "find"]
+__all__ = ["Checkpointer", "find", "latest_step"]
 
 
 def _quiet():

@@ -15,7 +15,7 @@ import sys
 
 from coopsgd.app.commands import COMMANDS, CommandError
 
-__all__ = ["main", "build_parser", "UsageError"]
+__all__ = ["UsageError", "build_parser", "main"]
 
 PROG = "coopsgd"
 

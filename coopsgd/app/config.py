@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from coopsgd.algorithms import compression
 from coopsgd.app import registry
 from coopsgd.core import mixing, schedules, topology
 from coopsgd.core.validate import INT32_MAX
@@ -22,15 +23,15 @@ from coopsgd.parallel.backends import BACKENDS
 
 __all__ = [
     "DEFAULTS",
-    "flatten",
-    "parse_override",
-    "make_config",
-    "load_toml",
     "build_lr_schedule",
     "build_optimizer",
     "build_runtime",
-    "expected_delay",
     "depends_on_steps",
+    "expected_delay",
+    "flatten",
+    "load_toml",
+    "make_config",
+    "parse_override",
 ]
 
 DEFAULTS: dict[str, object] = {
@@ -41,6 +42,11 @@ DEFAULTS: dict[str, object] = {
     "weights": "metropolis",
     "mixing_alpha": None,  # EASGD's alpha (default 2/(m+2)), Overlap Local-SGD's alpha (default 0.5)
     "budget": 0.5,  # MATCHA's communication budget C_b
+    "compressor": "top_k:0.01",  # CHOCO-SGD's compressor: identity, top_k:f, random_k:f, qsgd:s, sign
+    "consensus_step": 0.5,  # CHOCO-SGD's gamma in (0, 1]
+    "outer.lr": 0.7,  # DiLoCo's outer learning rate (Nesterov SGD, as in the paper)
+    "outer.momentum": 0.9,  # DiLoCo's outer momentum
+    "fragments": 2,  # Streaming DiLoCo's P (tau is H, a multiple of P)
     "adacomm_tau0": None,  # default: 2 * tau
     "adacomm_interval": None,  # simulated seconds; default: a tenth of the estimated run time
     "steps": 400,
@@ -83,12 +89,12 @@ _CHOICES = {
     "runtime.comm": ("network", "constant", "random"),
 }
 _INTS = {"workers": 1, "steps": 1, "batch_size": 1, "seed": 0, "eval_every": 1,
-         "optimizer.warmup_steps": 0, "optimizer.decay_every": 0, "adacomm_tau0": 1}
+         "optimizer.warmup_steps": 0, "optimizer.decay_every": 0, "adacomm_tau0": 1, "fragments": 1}
 _POSITIVE = {"optimizer.lr", "dirichlet_alpha", "runtime.compute_time", "runtime.straggler_slowdown",
-             "runtime.bandwidth", "adacomm_interval", "budget"}
+             "runtime.bandwidth", "adacomm_interval", "budget", "consensus_step", "outer.lr"}
 _NONNEG = {"runtime.compute_extra", "runtime.comm_time", "runtime.latency", "optimizer.momentum",
-           "runtime.straggler_prob", "optimizer.decay_factor"}
-_STRINGS = {"algorithm", "topology", "weights", "data", "out"}
+           "runtime.straggler_prob", "optimizer.decay_factor", "outer.momentum"}
+_STRINGS = {"algorithm", "topology", "weights", "data", "out", "compressor"}
 
 
 def flatten(table: Mapping, prefix: str = "") -> dict[str, object]:
@@ -179,6 +185,8 @@ def _check_value(key: str, value):
     if key in _STRINGS:
         if not isinstance(value, str) or not value:
             raise ValueError(f"{key} must be a non-empty string, got {value!r}")
+        if key == "compressor":
+            compression.by_name(value)
         return value
     raise AssertionError(key)  # pragma: no cover
 

@@ -18,15 +18,15 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
+    "SPLITS",
     "Dataset",
+    "WorkerSampler",
+    "load",
     "load_digits",
     "load_npz",
-    "load",
-    "split_iid",
-    "split_dirichlet",
     "split",
-    "SPLITS",
-    "WorkerSampler",
+    "split_dirichlet",
+    "split_iid",
 ]
 
 SPLITS = ("iid", "dirichlet")

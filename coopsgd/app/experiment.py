@@ -19,7 +19,7 @@ from coopsgd.app import config, registry
 from coopsgd.app.results import HISTORY_KEYS
 from coopsgd.parallel.hooks import Hook, RoundEnd, Stop
 
-__all__ = ["RunResult", "run", "EVAL_MAX", "check_resume"]
+__all__ = ["EVAL_MAX", "RunResult", "check_resume", "run"]
 
 EVAL_MAX = 8192
 """Training examples the worker-averaged training loss is evaluated on (all of them up to this

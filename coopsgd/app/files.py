@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["atomic_write", "writable_folder", "to_json"]
+__all__ = ["atomic_write", "to_json", "writable_folder"]
 
 
 def _default_mode() -> int:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["MLP", "CNN", "Model", "MODELS", "make", "loss_fn", "accuracy", "param_count"]
+__all__ = ["CNN", "MLP", "MODELS", "Model", "accuracy", "loss_fn", "make", "param_count"]
 
 def _lecun_normal(key, shape, dtype=jnp.float32):
     """LeCun normal initialisation, ``N(0, 1/fan_in)`` (LeCun et al., "Efficient BackProp", 1998;

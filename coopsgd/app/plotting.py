@@ -17,7 +17,7 @@ from matplotlib.ticker import FormatStrFormatter
 
 from coopsgd.app.files import atomic_write
 
-__all__ = ["plot_curves", "plot_run_figures", "plot_topology", "RUN_FIGURES"]
+__all__ = ["RUN_FIGURES", "plot_curves", "plot_run_figures", "plot_topology"]
 
 RUN_FIGURES = {
     "loss_vs_step.png": ("step", "loss", "iteration", "training loss (worker average)"),

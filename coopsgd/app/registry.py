@@ -20,7 +20,7 @@ import networkx as nx
 
 from coopsgd.core.validate import require_choice
 
-__all__ = ["Entry", "Context", "REGISTRY", "register", "names", "get", "build", "markdown_table"]
+__all__ = ["REGISTRY", "Context", "Entry", "build", "get", "markdown_table", "names", "register"]
 
 Period = Literal["one", "tau", "adaptive"]
 """How an algorithm's period is set: fixed to 1, the ``tau`` key, or decided at run time."""
@@ -170,6 +170,58 @@ def _matcha(ctx):
     return matcha(ctx.graph, ctx.cfg["budget"], seed=ctx.cfg["seed"])
 
 
+def _dpsgd_lian(ctx):
+    from coopsgd.algorithms.decentralized import dpsgd
+
+    return dpsgd(ctx.graph, ctx.cfg["weights"], form="lian")
+
+
+def _easgd_zhang(ctx):
+    from coopsgd.algorithms.easgd import easgd
+
+    return easgd(ctx.cfg["workers"], _tau(ctx), ctx.cfg["mixing_alpha"], form="zhang")
+
+
+def _choco(ctx):
+    from coopsgd.algorithms import compression
+    from coopsgd.algorithms.choco import choco_sgd
+
+    return choco_sgd(ctx.graph, ctx.cfg["consensus_step"], compression.by_name(ctx.cfg["compressor"]),
+                     weights=ctx.cfg["weights"], seed=ctx.cfg["seed"])
+
+
+def _push_sum(ctx):
+    from coopsgd.algorithms.push_sum import push_sum
+    from coopsgd.core import topology
+
+    return push_sum(topology.one_peer_exponential_digraphs(ctx.cfg["workers"]))
+
+
+def _tracking(ctx):
+    from coopsgd.algorithms.tracking import gradient_tracking
+
+    return gradient_tracking(ctx.graph, ctx.cfg["weights"])
+
+
+def _outer_optimizer(cfg):
+    from coopsgd.algorithms.outer import outer_momentum
+
+    return outer_momentum(cfg["outer.lr"], cfg["outer.momentum"], nesterov=True)
+
+
+def _diloco(ctx):
+    from coopsgd.algorithms.diloco import diloco
+
+    return diloco(ctx.cfg["workers"], _tau(ctx), _outer_optimizer(ctx.cfg))
+
+
+def _streaming_diloco(ctx):
+    from coopsgd.algorithms.diloco import streaming_diloco
+
+    return streaming_diloco(ctx.cfg["workers"], ctx.cfg["tau"], _outer_optimizer(ctx.cfg),
+                            fragments=ctx.cfg["fragments"])
+
+
 def _adacomm(ctx):
     from coopsgd.algorithms.adaptive import adacomm
     from coopsgd.app import config
@@ -203,6 +255,22 @@ for _entry in (
           {"topology": None, "budget": None, "seed": None}, graph=True, period="one"),
     Entry("adacomm", "AdaComm: local SGD whose tau shrinks with the training loss (wall-clock intervals)",
           _adacomm, {"tau": None, "adacomm_tau0": None, "adacomm_interval": None}, period="adaptive",
+          theory=False),
+    Entry("dpsgd_lian", "D-PSGD as Lian et al. write it: x <- Wx - eta g(x) (the gradient step unmixed)",
+          _dpsgd_lian, {"topology": None, "weights": None}, graph=True, period="one", theory=False),
+    Entry("easgd_zhang", "synchronous EASGD as Zhang et al. write it: pull and gradient at the same x_t",
+          _easgd_zhang, {"tau": None, "mixing_alpha": None}, theory=False),
+    Entry("choco_sgd", "CHOCO-SGD: gossip of compressed differences to public copies (Koloskova et al.)",
+          _choco, {"topology": None, "weights": None, "compressor": None, "consensus_step": None, "seed": None},
+          graph=True, period="one", theory=False),
+    Entry("push_sum", "Stochastic Gradient Push on the one-peer directed exponential graph (Assran et al.)",
+          _push_sum, period="one", theory=False),
+    Entry("gradient_tracking", "gradient tracking (DSGT): gossip of models and average-gradient trackers",
+          _tracking, {"topology": None, "weights": None}, graph=True, period="one", theory=False),
+    Entry("diloco", "DiLoCo: tau inner steps, then Nesterov outer SGD on the averaged pseudo-gradient",
+          _diloco, {"tau": None, "outer.lr": None, "outer.momentum": None}, theory=False),
+    Entry("streaming_diloco", "Streaming DiLoCo: fragments synchronised in turn, H = tau steps apart each",
+          _streaming_diloco, {"tau": None, "fragments": None, "outer.lr": None, "outer.momentum": None},
           theory=False),
 ):
     register(_entry)

@@ -9,7 +9,7 @@ import os
 
 from coopsgd.app.files import atomic_write, to_json, writable_folder
 
-__all__ = ["HISTORY_KEYS", "SUMMARY_COLUMNS", "prepare_out", "write_results", "format_table"]
+__all__ = ["HISTORY_KEYS", "SUMMARY_COLUMNS", "format_table", "prepare_out", "write_results"]
 
 HISTORY_KEYS = ("step", "time", "loss", "batch_loss", "consensus", "test_accuracy", "tau")
 """Columns of a run's history, one row per evaluation (step 0, then after each block that crosses a

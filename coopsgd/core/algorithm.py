@@ -43,7 +43,7 @@ class Algorithm:
         (True, True)
     """
 
-    __slots__ = ("_mixing", "_period", "_v", "_name", "_mixer")
+    __slots__ = ("_mixer", "_mixing", "_name", "_period", "_v")
 
     def __init__(self, W, tau=1, v: int = 0, *, m: int | None = None, name: str = "custom", mixer=None):
         v = require_int("v", v, 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-__all__ = ["Communication", "Kind", "NONE", "ring_all_reduce_bytes"]
+__all__ = ["NONE", "Communication", "Kind", "ring_all_reduce_bytes"]
 
 Kind = Literal["none", "all-reduce", "neighbour", "dense"]
 """How a mixing moves data: nothing, all-reduces, neighbour exchanges, or an all-gather."""

@@ -19,20 +19,21 @@ from coopsgd.core import topology
 from coopsgd.core.operator import DENSE_LIMIT, MixingMatrix, as_operator, averaging
 
 __all__ = [
-    "metropolis",
-    "max_degree",
-    "best_constant",
-    "lazy",
-    "from_graph",
-    "WEIGHT_RULES",
-    "weight_rule_names",
-    "check",
-    "require_connected",
-    "component_sizes",
-    "averaging",
-    "edge_matrix",
-    "support_graph",
     "ATOL",
+    "WEIGHT_RULES",
+    "averaging",
+    "best_constant",
+    "check",
+    "component_sizes",
+    "edge_matrix",
+    "from_graph",
+    "lazy",
+    "max_degree",
+    "metropolis",
+    "push_weights",
+    "require_connected",
+    "support_graph",
+    "weight_rule_names",
 ]
 
 ATOL = 1e-8
@@ -78,6 +79,29 @@ def metropolis(graph: nx.Graph) -> MixingMatrix:
     n, a, b = _edges(graph)
     deg = np.bincount(np.concatenate([a, b]), minlength=n)
     return _symmetric_with_self_weights(n, a, b, 1.0 / (1.0 + np.maximum(deg[a], deg[b])))
+
+
+def push_weights(graph: nx.DiGraph) -> MixingMatrix:
+    """Push-sum's column-stochastic P on a directed graph: node j keeps ``1/(1 + outdeg j)`` and
+    sends as much to each out-neighbour, ``P[i, j] = 1/(1 + outdeg j)`` for ``i = j`` or ``j → i``.
+    Every column sums to 1; rows need not (P is the math convention ``x_i ← Σ_j P_ij x_j``, the
+    engine's W is Pᵀ).
+
+    References:
+        Kempe, Dobra & Gehrke, "Gossip-based computation of aggregate information", FOCS 2003;
+        Assran, Loizou, Ballas & Rabbat, "Stochastic gradient push", ICML 2019, §3.
+
+    Example:
+        >>> import networkx as nx
+        >>> push_weights(nx.DiGraph([(0, 1), (1, 2), (2, 0), (0, 2)])).toarray().round(3).tolist()
+        [[0.333, 0.0, 0.5], [0.333, 0.5, 0.0], [0.333, 0.5, 0.5]]
+    """
+    graph = topology.canonical_digraph(graph)
+    n = graph.number_of_nodes()
+    edges = np.array(list(graph.edges), dtype=np.int64).reshape(-1, 2)
+    share = 1.0 / (1.0 + np.bincount(edges[:, 0], minlength=n))
+    off = sp.csr_array((share[edges[:, 0]], (edges[:, 1], edges[:, 0])), shape=(n, n))
+    return MixingMatrix.from_blocks(off + sp.diags_array(share, format="csr"))
 
 
 def max_degree(graph: nx.Graph) -> MixingMatrix:

@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["MixingMatrix", "as_operator", "identity", "averaging", "DENSE_LIMIT", "Form"]
+__all__ = ["DENSE_LIMIT", "Form", "MixingMatrix", "as_operator", "averaging", "identity"]
 
 DENSE_LIMIT = 8192
 """Largest n for which a dense n × n array (n² float64, 512 MiB at the limit) is built on request."""

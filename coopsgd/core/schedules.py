@@ -43,21 +43,22 @@ import networkx as nx
 import numpy as np
 import scipy.sparse as sp
 
-from coopsgd.core import mixing, spectral
+from coopsgd.core import mixing, spectral, topology
 from coopsgd.core.operator import DENSE_LIMIT, MixingMatrix
 from coopsgd.core.validate import require_int
 
 __all__ = [
-    "PeriodSchedule",
     "AdaptivePeriod",
-    "constant",
-    "piecewise",
-    "as_period",
     "MixingSchedule",
-    "static",
-    "cyclic",
-    "one_peer_exponential",
+    "PeriodSchedule",
     "as_mixing",
+    "as_period",
+    "constant",
+    "cyclic",
+    "one_peer_directed_exponential",
+    "one_peer_exponential",
+    "piecewise",
+    "static",
 ]
 
 
@@ -357,6 +358,21 @@ def one_peer_exponential(n: int) -> MixingSchedule:
         graph.add_edges_from((i, (i + hop) % n) for i in range(n))
         matrices.append(mixing.metropolis(graph))
     return _Cyclic(matrices, "one_peer_exponential")
+
+
+def one_peer_directed_exponential(n: int) -> MixingSchedule:
+    """The one-peer directed exponential graph as mixings: at mixing ``r`` node ``i`` keeps half of
+    its model and sends half to ``i + 2^(r mod ⌈log₂ n⌉)`` alone (one message per node and round;
+    :func:`coopsgd.core.topology.one_peer_exponential_digraphs`). Every node also receives from
+    exactly one, so each W^(r) = (push weights)ᵀ is doubly stochastic but not symmetric.
+
+    References:
+        Ying et al., "Exponential Graph is Provably Efficient for Decentralized Deep Training",
+        NeurIPS 2021, §4; Assran et al., "Stochastic gradient push", ICML 2019, §6.
+    """
+    n = require_int("n", n, 2)
+    return _Cyclic([mixing.push_weights(g).T for g in topology.one_peer_exponential_digraphs(n)],
+                   "one_peer_directed_exponential")
 
 
 def as_mixing(w, v: int = 0) -> MixingSchedule:

@@ -18,8 +18,14 @@ import scipy.sparse.linalg as spla
 from coopsgd.core.mixing import ATOL, check
 from coopsgd.core.operator import MixingMatrix
 
-__all__ = ["zeta", "spectral_gap", "stationary", "norm_minus_averaging", "cycle_contraction",
-           "DENSE_EIG_LIMIT"]
+__all__ = [
+    "DENSE_EIG_LIMIT",
+    "cycle_contraction",
+    "norm_minus_averaging",
+    "spectral_gap",
+    "stationary",
+    "zeta",
+]
 
 DENSE_EIG_LIMIT = 2048
 """Largest n whose eigenvalues are computed densely (O(n³), about a second at the limit)."""

@@ -13,12 +13,14 @@ from collections.abc import Callable
 import networkx as nx
 
 __all__ = [
-    "canonical",
-    "exponential",
-    "matchings",
+    "TOPOLOGIES",
     "bipartite_edge_colouring",
     "by_name",
-    "TOPOLOGIES",
+    "canonical",
+    "canonical_digraph",
+    "exponential",
+    "matchings",
+    "one_peer_exponential_digraphs",
 ]
 
 
@@ -77,6 +79,50 @@ def exponential(n: int) -> nx.Graph:
             graph.add_edge(i, (i + hop) % n)
         hop *= 2
     return graph
+
+
+def one_peer_exponential_digraphs(n: int) -> list[nx.DiGraph]:
+    """The one-peer time-varying exponential graph: at round ``r`` node ``i`` sends to the one node
+    ``i + 2^(r mod ⌈log₂ n⌉) (mod n)`` only (a directed graph of out-degree 1 per round).
+
+    References:
+        Assran, Loizou, Ballas & Rabbat, "Stochastic gradient push", ICML 2019, §6 (the
+        time-varying directed exponential graph of their experiments); Ying et al., "Exponential
+        graph is provably efficient for decentralized deep training", NeurIPS 2021, §4.
+
+    Example:
+        >>> [sorted(g.successors(0)) for g in one_peer_exponential_digraphs(8)]
+        [[1], [2], [4]]
+    """
+    n = _node_count(n)
+    graphs = []
+    for j in range(max(1, math.ceil(math.log2(n)))):
+        graph = nx.DiGraph()
+        graph.add_nodes_from(range(n))
+        graph.add_edges_from((i, (i + 2**j) % n) for i in range(n) if (i + 2**j) % n != i)
+        graphs.append(graph)
+    return graphs
+
+
+def canonical_digraph(graph: nx.DiGraph) -> nx.DiGraph:
+    """``graph`` with its nodes relabelled ``0..n-1`` in sorted order (self-loops rejected: a node's
+    own share comes from the weight rule). O(nodes + edges)."""
+    if not isinstance(graph, nx.DiGraph):
+        raise ValueError(f"expected a networkx.DiGraph, got {type(graph).__name__}")
+    if graph.number_of_nodes() == 0:
+        raise ValueError("graph has no nodes; a topology needs at least one worker")
+    loops = list(nx.selfloop_edges(graph))
+    if loops:
+        raise ValueError(f"graph has self-loops {loops[:3]}; self-weights come from the weight rule")
+    try:
+        order = sorted(graph.nodes)
+    except TypeError as err:
+        raise ValueError(f"graph nodes cannot be sorted to number them 0..n-1 deterministically ({err})") from None
+    mapping = {node: i for i, node in enumerate(order)}
+    out = nx.DiGraph()
+    out.add_nodes_from(range(len(order)))
+    out.add_edges_from((mapping[a], mapping[b]) for a, b in graph.edges)
+    return out
 
 
 def matchings(graph: nx.Graph) -> list[list[tuple[int, int]]]:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["require_int", "require_number", "require_fraction", "require_choice", "INT32_MAX"]
+__all__ = ["INT32_MAX", "require_choice", "require_fraction", "require_int", "require_number", "require_proportion"]
 
 INT32_MAX = 2**31 - 1
 """The largest step or round index the engine's int32 counters hold."""
@@ -70,6 +70,20 @@ def require_fraction(name: str, value, *, rule: str = "", open_low: bool = False
     x = _as_float(name, value, why)
     if not (0.0 <= x < 1.0) or (open_low and x == 0.0):
         raise ValueError(f"{name} must lie in {'(' if open_low else '['}0, 1){why}, got {name} = {value!r}")
+    return x
+
+
+def require_proportion(name: str, value, *, rule: str = "") -> float:
+    """``value`` in ``(0, 1]`` as a float (a share of entries, a consensus step size).
+
+    Example:
+        >>> require_proportion("fraction", 0.01)
+        0.01
+    """
+    why = f" ({rule})" if rule else ""
+    x = _as_float(name, value, why)
+    if isinstance(value, bool) or not (0.0 < x <= 1.0):
+        raise ValueError(f"{name} must lie in (0, 1]{why}, got {name} = {value!r}")
     return x
 
 

@@ -2,6 +2,17 @@
 the mixing protocol and the linear mixer, backends (simulate / pmap / shard_map), the engine state,
 the pure round functions and the trainer."""
 
-from coopsgd.parallel import backends, batches, collectives, engine, hooks, linear, plan, protocol, state, trainer
+from coopsgd.parallel import (
+    backends,
+    batches,
+    collectives,
+    engine,
+    hooks,
+    linear,
+    plan,
+    protocol,
+    state,
+    trainer,
+)
 
 __all__ = ["backends", "batches", "collectives", "engine", "hooks", "linear", "plan", "protocol", "state", "trainer"]

@@ -30,7 +30,7 @@ from coopsgd.core.validate import require_choice
 from coopsgd.parallel.collectives import AXIS, WorkerAxis
 from coopsgd.parallel.protocol import MixerState
 
-__all__ = ["BACKENDS", "BackendName", "Backend", "Simulate", "Pmap", "ShardMap", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendName", "Pmap", "ShardMap", "Simulate", "make_backend"]
 
 BackendName = Literal["simulate", "pmap", "shard_map"]
 BACKENDS: tuple[str, ...] = ("simulate", "pmap", "shard_map")

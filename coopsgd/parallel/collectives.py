@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["WorkerAxis", "AXIS", "exchange_tables"]
+__all__ = ["AXIS", "WorkerAxis", "exchange_tables"]
 
 AXIS = "workers"
 """Name of the worker axis inside pmap / shard_map programs."""

@@ -27,7 +27,7 @@ from coopsgd.parallel.collectives import WorkerAxis
 from coopsgd.parallel.protocol import Mixer, MixerState, MixRound, OptimizerSync
 from coopsgd.parallel.state import EngineState, PeriodState
 
-__all__ = ["Spec", "init_state", "local_step", "round_end", "consensus", "round_program", "summarize"]
+__all__ = ["Spec", "consensus", "init_state", "local_step", "round_end", "round_program", "summarize"]
 
 
 class Spec(NamedTuple):
@@ -53,9 +53,10 @@ def init_state(spec: Spec, params, seed: int = 0, rule=()) -> EngineState:
                        key=jax.random.key(seed), period=PeriodState(rule=rule))
 
 
-def local_step(spec: Spec, axis: WorkerAxis, x, o, k, key, batch):
-    """One optimizer step on this device's workers: ``(x, o, losses, aux)``. With ``with_rng`` the
-    loss gets the key ``fold_in(fold_in(key, k), i)`` of worker i."""
+def local_step(spec: Spec, axis: WorkerAxis, x, o, s: MixerState, k, key, batch):
+    """One optimizer step on this device's workers: ``(x, o, s, losses, aux)``. With ``with_rng``
+    the loss gets the key ``fold_in(fold_in(key, k), i)`` of worker i. A mixer with a
+    ``direction`` turns the gradients into what the optimizer is given (gradient tracking's y)."""
     value_and_grad = jax.value_and_grad(spec.loss_fn, has_aux=spec.has_aux)
     if spec.with_rng:
         keys = jax.vmap(lambda w: jax.random.fold_in(jax.random.fold_in(key, k), w))(axis.ids())
@@ -63,8 +64,10 @@ def local_step(spec: Spec, axis: WorkerAxis, x, o, k, key, batch):
     else:
         out, grads = jax.vmap(value_and_grad)(x, batch)
     loss, aux = out if spec.has_aux else (out, None)
+    if spec.mixer.direction is not None:
+        grads, s = spec.mixer.direction(grads, x, s, axis)
     updates, o = jax.vmap(spec.optimizer.update)(grads, o, x)
-    return optax.apply_updates(x, updates), o, loss, aux
+    return optax.apply_updates(x, updates), o, s, loss, aux
 
 
 def consensus(axis: WorkerAxis, x):
@@ -97,29 +100,28 @@ def round_program(spec: Spec, axis: WorkerAxis, rounds: int, length: int, mixes:
 
     def fn(params, opt, mix_state, step, key, batches, args, moves):
         def body(c, b):
-            x, o, k = c
-            x, o, loss, aux = local_step(spec, axis, x, o, k, key, b)
-            return (x, o, k + 1), (loss, aux, consensus(axis, x) if track else None)
+            x, o, s, k = c
+            x, o, s, loss, aux = local_step(spec, axis, x, o, s, k, key, b)
+            return (x, o, s, k + 1), (loss, aux, consensus(axis, x) if track else None)
 
         def one_round(carry, xs):
             x, s, o, k = carry
             batch, round_args, moved = xs
-            mix_round = MixRound(static, round_args, moved)
             if not mixes or not track:
                 # One scan over the whole round, then the mixing (the usual, leanest program).
-                (x, o, k), outs = lax.scan(body, (x, o, k), batch)
+                (x, o, s, k), outs = lax.scan(body, (x, o, s, k), batch)
                 if mixes:
-                    x, o, s = round_end(spec, axis, x, o, s, mix_round, sync_some)
+                    x, o, s = round_end(spec, axis, x, o, s, MixRound(static, round_args, moved, k), sync_some)
                 return (x, s, o, k), outs
             # With the consensus metric the last step is unrolled, so that its consensus is
             # measured after the mixing without computing it twice.
             head = jax.tree.map(lambda a: a[: length - 1], batch)
             last = jax.tree.map(lambda a: a[length - 1], batch)
             if length > 1:
-                (x, o, k), outs_head = lax.scan(body, (x, o, k), head)
-            x, o, loss, aux = local_step(spec, axis, x, o, k, key, last)
+                (x, o, s, k), outs_head = lax.scan(body, (x, o, s, k), head)
+            x, o, s, loss, aux = local_step(spec, axis, x, o, s, k, key, last)
             k = k + 1
-            x, o, s = round_end(spec, axis, x, o, s, mix_round, sync_some)
+            x, o, s = round_end(spec, axis, x, o, s, MixRound(static, round_args, moved, k), sync_some)
             outs_last = jax.tree.map(lambda a: a[None], (loss, aux, consensus(axis, x)))
             if length > 1:
                 outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs_head, outs_last)
@@ -130,7 +132,7 @@ def round_program(spec: Spec, axis: WorkerAxis, rounds: int, length: int, mixes:
         batches = jax.tree.map(lambda a: a.reshape((rounds, length) + a.shape[1:]), batches)
         (params, mix_state, opt, _), (losses, aux, cons) = lax.scan(
             one_round, (params, mix_state, opt, step), (batches, args, moves))
-        flat = lambda a: a.reshape((rounds * length,) + a.shape[2:])  # noqa: E731
+        flat = lambda a: a.reshape((rounds * length,) + a.shape[2:])
         outs = {"losses": flat(losses), "aux": jax.tree.map(flat, aux),
                 "consensus": None if cons is None else flat(cons)}
         return params, opt, mix_state, outs

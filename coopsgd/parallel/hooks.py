@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from coopsgd.parallel.state import EngineState, StepMetrics
 
-__all__ = ["RoundEnd", "Stop", "Hook", "call_hooks"]
+__all__ = ["Hook", "RoundEnd", "Stop", "call_hooks"]
 
 
 class RoundEnd(NamedTuple):

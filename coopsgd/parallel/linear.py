@@ -21,7 +21,7 @@ from coopsgd.parallel import plan as _plan
 from coopsgd.parallel.collectives import WorkerAxis
 from coopsgd.parallel.protocol import Mixer, MixerState, MixRound
 
-__all__ = ["linear", "mix", "mix_local"]
+__all__ = ["LinearRounds", "linear", "linear_unmixed", "mix", "mix_local"]
 
 
 def mix(stacked, w):
@@ -140,7 +140,7 @@ def mix_local(plan: _plan.MixPlan, workers, aux, coef, axis: WorkerAxis):
     return new_workers, aux
 
 
-class _Rounds:
+class LinearRounds:
     """The host side of the linear mixer: each round's plan, coefficients and traffic, from the
     algorithm's mixing schedule (cycles planned once; random schedules per round, cached)."""
 
@@ -187,30 +187,43 @@ class _Rounds:
         return _plan.communication(mix_round.static, param_bytes, w)
 
 
-def linear(algorithm: Algorithm, *, prune: bool = False) -> Mixer:
+def linear(algorithm: Algorithm, *, prune: bool = False, unmixed_updates: bool = False) -> Mixer:
     """The mixer of A(τ, W, v): ``X ← X W^(r)`` with the communication W's structure picks.
 
     Args:
         algorithm: the :class:`~coopsgd.core.algorithm.Algorithm`.
         prune: send only a random schedule's active neighbour slots each round (one program per
             activation pattern; what the device backends do).
+        unmixed_updates: mix the models the round's last gradient was taken at and add that step's
+            update unmixed, ``X ← [x_t, z] W + [U_t, 0]``, instead of Cooperative SGD's
+            ``(X_t + U_t) W``: D-PSGD as Lian et al. (NeurIPS 2017, Algorithm 1) write it,
+            ``x_i ← Σ_j W_ij x_j − η g_i(x_i)``, and synchronous EASGD as Zhang, Choromanska &
+            LeCun (NeurIPS 2015, eqs. 5–6) do, the elastic pull taken at the same x_t as the
+            gradient. It keeps x_t per worker (one more copy of the models).
 
     Its state is the v auxiliary columns (``MixerState(shared=...)``, replicated); ``columns``
     appends them to the workers, so the n columns of X are always at hand.
     """
-    rounds = _Rounds(algorithm, prune)
+    rounds = LinearRounds(algorithm, prune)
     v = algorithm.v
 
     def init(columns) -> MixerState:
+        at = jax.tree.map(jnp.asarray, columns) if unmixed_updates else ()
         if not v:
-            return MixerState()
-        return MixerState(shared=jax.tree.map(
+            return MixerState(per_worker=at)
+        return MixerState(per_worker=at, shared=jax.tree.map(
             lambda x: jnp.broadcast_to(jnp.asarray(x[:1]), (v,) + jnp.shape(x)[1:]), columns))
 
     def apply(columns, state: MixerState, mix_round: MixRound, axis: WorkerAxis):
         aux = state.shared if v else jax.tree.map(lambda x: x[:0], columns)
-        new, aux = mix_local(mix_round.static, columns, aux, mix_round.args, axis)
-        return new, MixerState(shared=aux) if v else state
+        mixed = state.per_worker if unmixed_updates else columns
+        new, aux = mix_local(mix_round.static, mixed, aux, mix_round.args, axis)
+        if unmixed_updates:  # + U_t = x_end − x_t, the last step's update
+            new = jax.tree.map(lambda n, x, t: n + (x - t), new, columns, mixed)
+        return new, state._replace(shared=aux) if v else state
+
+    def remember(grads, params, state: MixerState, axis: WorkerAxis):
+        return grads, state._replace(per_worker=params)
 
     def columns(workers, state: MixerState):
         if not v:
@@ -220,7 +233,14 @@ def linear(algorithm: Algorithm, *, prune: bool = False) -> Mixer:
     def from_columns(cols, state: MixerState):
         m = algorithm.m
         workers = jax.tree.map(lambda x: x[:m], cols)
-        return workers, MixerState(shared=jax.tree.map(lambda x: x[m:], cols)) if v else state
+        return workers, state._replace(shared=jax.tree.map(lambda x: x[m:], cols)) if v else state
 
     return Mixer(init=init, apply=apply, traffic=rounds.traffic, plan=rounds.round, columns=columns,
-                 from_columns=from_columns, name=f"linear W of {algorithm.name}")
+                 from_columns=from_columns, name=f"linear W of {algorithm.name}",
+                 direction=remember if unmixed_updates else None)
+
+
+def linear_unmixed(algorithm: Algorithm, devices: bool = False) -> Mixer:
+    """The mixer factory of the classic forms: :func:`linear` with ``unmixed_updates=True``
+    (``Algorithm(..., mixer=linear_unmixed)``)."""
+    return linear(algorithm, prune=devices, unmixed_updates=True)

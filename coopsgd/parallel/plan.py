@@ -45,12 +45,12 @@ from coopsgd.core.validate import require_number
 __all__ = [
     "MixPlan",
     "PlanKind",
-    "plan_for_matrix",
-    "plan_for_support",
     "active_slots",
     "coefficients",
     "communication",
     "mixing_traffic",
+    "plan_for_matrix",
+    "plan_for_support",
     "tree_bytes",
 ]
 

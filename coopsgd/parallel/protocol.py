@@ -11,6 +11,9 @@ Like optax's ``GradientTransformation``, a :class:`Mixer` is a NamedTuple of fun
   compiled program per distinct value), its run-time arrays, and whether it moves data;
 - ``traffic(r, param_bytes) -> Communication``: what round r's mixing sends per worker, the
   mixer's entry in the one communication account;
+- ``direction(grads, params, state, axis) -> (direction, state)``, optional: called at every
+  local step with the workers' gradients (and the models they were taken at); what it returns is
+  given to the optax optimizer instead (gradient tracking's y); jittable;
 - ``columns(workers, state)``: the n columns of Cooperative SGD's X that the state stands for
   (the linear mixer appends its auxiliary columns); by default the workers themselves; and
   ``from_columns(columns, state) -> (workers, state)``, its inverse, where there is one.
@@ -36,15 +39,15 @@ from coopsgd.core.communication import Communication
 from coopsgd.parallel.collectives import WorkerAxis
 
 __all__ = [
-    "Mixer",
-    "MixerState",
+    "SYNC_POLICIES",
     "MixRound",
+    "Mixer",
+    "MixerError",
+    "MixerState",
     "OptimizerSync",
     "SyncPolicy",
-    "SYNC_POLICIES",
-    "optimizer_sync",
     "check_mixer",
-    "MixerError",
+    "optimizer_sync",
 ]
 
 
@@ -59,11 +62,14 @@ class MixerState(NamedTuple):
 class MixRound(NamedTuple):
     """One round's mixing: ``static`` (hashable, compiled into the program), ``args`` (a pytree of
     arrays, run-time arguments) and ``moves`` (whether the mixing moves data between workers). On
-    the host ``args`` are NumPy arrays and ``moves`` a bool; inside ``apply`` they are traced."""
+    the host ``args`` are NumPy arrays and ``moves`` a bool; inside ``apply`` they are traced, and
+    ``step`` is the number of local steps taken so far (an int32 scalar: what a learning-rate
+    schedule of the mixing reads; None on the host)."""
 
     static: Hashable = None
     args: Any = ()
     moves: Any = True
+    step: Any = None
 
 
 def _no_plan(r: int) -> MixRound:
@@ -93,6 +99,7 @@ class Mixer(NamedTuple):
     columns: Callable[[Any, MixerState], Any] | None = None
     from_columns: Callable[[Any, MixerState], tuple[Any, MixerState]] | None = None
     name: str = "mixer"
+    direction: Callable[[Any, Any, MixerState, WorkerAxis], tuple[Any, MixerState]] | None = None
 
 
 SyncPolicy = Literal["keep", "average", "reset"]
@@ -169,16 +176,26 @@ def check_mixer(mixer: Mixer, columns, state: MixerState, round0: MixRound, m: i
     args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), round0.args)
 
     def one(cols, st, a):
-        return mixer.apply(cols, st, MixRound(round0.static, a, jnp.asarray(bool(round0.moves))),
-                           WorkerAxis(m))
+        return mixer.apply(cols, st, MixRound(round0.static, a, jnp.asarray(bool(round0.moves)),
+                                              jnp.asarray(1, jnp.int32)), WorkerAxis(m))
 
-    try:
-        out = jax.eval_shape(one, spec[0], spec[1], args)
-    except Exception as err:  # the user's mixer failed while tracing
-        raise MixerError(f"mixer {mixer.name!r} failed on the workers' columns: {type(err).__name__}: {err}") from err
-    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], MixerState)):
-        raise MixerError(f"mixer {mixer.name!r}: apply must return (columns, MixerState), got {out!r}")
-    for what, given, got in (("columns", spec[0], out[0]), ("state", spec[1], out[1])):
+    pairs = []
+    for what, fn, operands in (("apply", one, (spec[0], spec[1], args)),
+                               ("direction", mixer.direction and (
+                                   lambda g, x, st: mixer.direction(g, x, st, WorkerAxis(m))),
+                                (spec[0], spec[0], spec[1]))):
+        if fn is None:
+            continue
+        try:
+            out = jax.eval_shape(fn, *operands)
+        except Exception as err:  # the user's mixer failed while tracing
+            raise MixerError(f"mixer {mixer.name!r} failed in {what} on the workers' columns: "
+                             f"{type(err).__name__}: {err}") from err
+        name = "columns" if what == "apply" else "direction"
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], MixerState)):
+            raise MixerError(f"mixer {mixer.name!r}: {what} must return ({name}, MixerState), got {out!r}")
+        pairs += [(name, spec[0], out[0]), (f"state after {what}", spec[1], out[1])]
+    for what, given, got in pairs:
         a, b = _signature(given), _signature(got)
         if jax.tree.structure(given) != jax.tree.structure(got):
             raise MixerError(f"mixer {mixer.name!r} changed the structure of its {what}: "

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-__all__ = ["EngineState", "PeriodState", "StepMetrics", "NonFiniteError"]
+__all__ = ["EngineState", "NonFiniteError", "PeriodState", "StepMetrics"]
 
 
 @jax.tree_util.register_static

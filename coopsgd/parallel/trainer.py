@@ -29,12 +29,19 @@ from coopsgd.core.communication import Communication
 from coopsgd.core.validate import require_int
 from coopsgd.parallel import backends as _backends
 from coopsgd.parallel import engine as _engine
+from coopsgd.parallel.backends import BackendName
 from coopsgd.parallel.batches import BatchSource, check_leading, check_loss
 from coopsgd.parallel.collectives import WorkerAxis
 from coopsgd.parallel.hooks import Hook, RoundEnd, call_hooks, concat
 from coopsgd.parallel.linear import linear
-from coopsgd.parallel.backends import BackendName
-from coopsgd.parallel.protocol import Mixer, MixRound, OptimizerSync, SyncPolicy, check_mixer, optimizer_sync
+from coopsgd.parallel.protocol import (
+    Mixer,
+    MixRound,
+    OptimizerSync,
+    SyncPolicy,
+    check_mixer,
+    optimizer_sync,
+)
 from coopsgd.parallel.state import EngineState, NonFiniteError, PeriodState, StepMetrics
 
 __all__ = ["CooperativeSGD"]

@@ -22,25 +22,26 @@ its two floats exactly.
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import numpy as np
 
 from coopsgd.core.communication import Communication
 from coopsgd.core.validate import require_number
 
 __all__ = [
-    "ComputeTime",
-    "constant",
-    "exponential",
-    "shifted_exponential",
-    "custom",
-    "with_stragglers",
     "COMPUTE_MODELS",
-    "CommDelay",
-    "constant_delay",
-    "random_delay",
-    "network",
-    "RuntimeModel",
     "Clock",
+    "CommDelay",
+    "ComputeTime",
+    "RuntimeModel",
+    "constant",
+    "constant_delay",
+    "custom",
+    "exponential",
+    "network",
+    "random_delay",
+    "shifted_exponential",
+    "with_stragglers",
 ]
 
 
@@ -210,7 +211,7 @@ class RuntimeModel:
         """``D`` of the mixing that ends round ``round_index``."""
         return self.comm.delay(traffic, np.random.default_rng([self.seed, 1, round_index]))
 
-    def clock(self, m: int) -> "Clock":
+    def clock(self, m: int) -> Clock:
         return Clock(self, m)
 
     def timeline(self, algorithm, steps: int, traffic: Callable[[int], Communication],

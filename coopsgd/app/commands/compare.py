@@ -16,7 +16,7 @@ import time
 
 from coopsgd.app.commands import CommandError
 
-__all__ = ["register", "run", "QUICK", "DEFAULT_OUT"]
+__all__ = ["DEFAULT_OUT", "QUICK", "register", "run"]
 
 DEFAULT_OUT = "runs/compare"
 
@@ -94,10 +94,9 @@ def _algorithms(args) -> list[str]:
 
 
 def run(args) -> int:
-    from coopsgd.app import config, registry, results
+    from coopsgd.app import config, models, registry, results
     from coopsgd.app import data as data_mod
     from coopsgd.app import experiment as ex
-    from coopsgd.app import models
 
     names = _algorithms(args)
     base = _base_config(args)

@@ -35,7 +35,7 @@ import sys
 
 from coopsgd.app.commands import CommandError
 
-__all__ = ["register", "run", "build_config"]
+__all__ = ["build_config", "register", "run"]
 
 
 def register(subparsers) -> None:

@@ -23,7 +23,7 @@ from coopsgd.app import registry
 from coopsgd.app.commands import CommandError, check_png_path
 from coopsgd.app.files import to_json
 
-__all__ = ["register", "run", "PROBLEMS", "make_algorithm", "make_problem"]
+__all__ = ["PROBLEMS", "make_algorithm", "make_problem", "register", "run"]
 
 PROBLEMS = ("quadratic", "linear_regression", "logistic_regression")
 
