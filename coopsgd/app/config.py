@@ -43,7 +43,7 @@ DEFAULTS: dict[str, object] = {
     "mixing_alpha": None,  # EASGD's alpha (default 2/(m+2)), Overlap Local-SGD's alpha (default 0.5)
     "budget": 0.5,  # MATCHA's communication budget C_b
     "compressor": "top_k:0.01",  # CHOCO-SGD's compressor: identity, top_k:f, random_k:f, qsgd:s, sign
-    "consensus_step": 0.5,  # CHOCO-SGD's gamma in (0, 1]
+    "consensus_step": 0.05,  # CHOCO-SGD's gamma in (0, 1]; 0.2 diverges with top_k:0.01 on the 8-ring
     "outer.lr": 0.7,  # DiLoCo's outer learning rate (Nesterov SGD, as in the paper)
     "outer.momentum": 0.9,  # DiLoCo's outer momentum
     "fragments": 2,  # Streaming DiLoCo's P (tau is H, a multiple of P)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 
+import matplotlib
 import networkx as nx
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter
+from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
 from coopsgd.app.files import atomic_write
 
@@ -38,20 +39,24 @@ def _save(fig: Figure, path) -> str:
 def plot_curves(histories: dict, x: str, y: str, path, *, xlabel: str | None = None,
                 ylabel: str | None = None, title: str | None = None, logy: bool = True) -> str:
     """One line per history, ``y`` against ``x``; log scale on y when all values are positive."""
-    fig = Figure(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2) if len(histories) <= 8 else (7.2, 5.0))
     ax = fig.add_subplot()
-    positive = True
+    positive, values = True, []
+    colours = matplotlib.colormaps["tab20"].colors if len(histories) > 10 else [None] * len(histories)
     for i, (label, hist) in enumerate(histories.items()):
         if y not in hist or not len(hist[y]):
             continue
         xs, ys = np.asarray(hist[x], float), np.asarray(hist[y], float)
         keep = np.isfinite(ys)
         positive &= bool(np.all(ys[keep] > 0))
-        ax.plot(xs[keep], ys[keep], label=label, lw=1.6, ls=_STYLES[(i // 10 + i) % len(_STYLES)])
-    if logy and positive:
+        values.extend(ys[keep])
+        ax.plot(xs[keep], ys[keep], label=label, lw=1.6, ls=_STYLES[(i // 10 + i) % len(_STYLES)],
+                color=colours[i % len(colours)])
+    if logy and positive and values:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+        narrow = max(values) < 10 * min(values)  # label the minor ticks only within one decade
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g") if narrow else NullFormatter())
         ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or y)
@@ -59,7 +64,7 @@ def plot_curves(histories: dict, x: str, y: str, path, *, xlabel: str | None = N
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
     if histories:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, ncol=2 if len(histories) > 8 else 1)
     fig.tight_layout()
     return _save(fig, path)
 
