@@ -384,16 +384,16 @@ def test_global_momentum_with_a_schedule_equals_its_matrix_form_at_a_constant():
     np.testing.assert_allclose(w_mixer, w_matrix[:4], rtol=1e-5, atol=1e-6)
 
 
-def streaming_np(m, H, P, alpha, steps, batches):
+def streaming_np(m, H, P, alpha, steps, batches, delay=0):
     """Fragment p of the flat parameters (contiguous, equal sizes, in the pytree's leaf order: b
     then w) is synchronised at steps t ≡ (p + 1)H/P (mod H) by its own outer Nesterov step; workers
-    take α·local + (1 − α)·global."""
+    take α·local + (1 − α)·global, ``delay`` steps after the synchronisation (the paper's overlap)."""
     w, b = _start(m)
     xs = np.concatenate([b[:, None], w], axis=1)
     theta = xs[0].copy()
     cuts = np.linspace(0, 4, P + 1).round().astype(int)
     outer = [nesterov_np(lambda c: 0.7, 0.9) for _ in range(P)]
-    states = [None] * P
+    states, pending = [None] * P, {}
     for t in range(steps):
         gw, gb = _grads(xs[:, 1:], xs[:, 0], batches, t)
         xs = xs - LR * np.concatenate([gb[:, None], gw], axis=1)
@@ -401,7 +401,10 @@ def streaming_np(m, H, P, alpha, steps, batches):
             p = ((t + 1) // (H // P) - 1) % P
             lo, hi = cuts[p], cuts[p + 1]
             theta[lo:hi], states[p] = outer[p](theta[lo:hi], theta[lo:hi] - xs[:, lo:hi].mean(0), states[p])
-            xs[:, lo:hi] = alpha * xs[:, lo:hi] + (1 - alpha) * theta[lo:hi]
+            pending[t + delay] = (lo, hi, theta[lo:hi].copy())
+        if t in pending:
+            lo, hi, fragment = pending.pop(t)
+            xs[:, lo:hi] = alpha * xs[:, lo:hi] + (1 - alpha) * fragment
     return xs[:, 1:], xs[:, 0]
 
 
@@ -417,6 +420,22 @@ def test_streaming_diloco_synchronises_fragments_in_turn(alpha):
     assert np.asarray(metrics.communicated).sum() == steps // (H // P)
     whole = coopsgd.CooperativeSGD(coopsgd.local_sgd(m, H), optax.sgd(LR), loss_fn).communication(16.0)
     assert trainer.communication(16.0).bytes_per_worker == pytest.approx(whole.bytes_per_worker / P)
+
+
+@pytest.mark.parametrize("delay", [1, 2])
+def test_streaming_diloco_merges_each_fragment_delay_steps_late(delay):
+    m, H, P, steps = 3, 6, 2, 17
+    algo = coopsgd.streaming_diloco(m, H, fragments=P, alpha=0.5, delay=delay)
+    batches = make_batches(steps, m, seed=20)
+    trainer, state, metrics, _, _ = run_engine(algo, batches, steps)
+    workers = trainer.workers(state)
+    ref_w, ref_b = streaming_np(m, H, P, 0.5, steps, batches, delay)
+    _close(np.asarray(workers["w"]), np.asarray(workers["b"]), ref_w, ref_b, tol=5e-5)
+    # the all-reduces are at the synchronisations only; the merges send nothing
+    assert np.flatnonzero(np.asarray(metrics.communicated)).tolist() == [2, 5, 8, 11, 14]
+    assert trainer.communication(16.0, 1).bytes_per_worker == 0.0
+    with pytest.raises(ValueError, match="delay V must be below H/P = 3 steps.*got delay = 3"):
+        coopsgd.streaming_diloco(m, H, fragments=P, delay=3)
 
 
 def test_outer_optimizers_must_be_optax():

@@ -19,8 +19,10 @@ and the communication is spread over the H steps. The arriving global fragment i
 workers as ``α·local + (1 − α)·global`` (α = 0: replaced). Fragments are contiguous slices of the
 flattened parameters (leaf order), of equal size to within one entry; each has its own outer
 state, so the outer optimizer must act entry by entry (SGD, Nesterov, Adam — not a masked or
-layer-wise one). The paper also overlaps a fragment's all-reduce with the next V inner steps
-(the global fragment arrives V steps late); that delay is not implemented here (V = 0).
+layer-wise one). With a delay V > 0 a fragment's all-reduce overlaps the next V inner steps, as in
+the paper: the outer step uses the workers' fragment at the synchronisation, and the global
+fragment is merged V steps later into the workers' fragment as it is then (rounds alternate H/P − V
+and V steps; the merge rounds send nothing).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from functools import partial
 
 import optax
 
-from coopsgd.algorithms.outer import outer_mixer, outer_momentum, require_optax
+from coopsgd.algorithms.outer import outer_mixer, outer_momentum, overlapped_period, require_optax
 from coopsgd.core.algorithm import Algorithm
 from coopsgd.core.operator import averaging
 from coopsgd.core.validate import require_fraction, require_int
@@ -68,21 +70,23 @@ def diloco(m: int, tau=500, outer_optimizer: optax.GradientTransformation | None
 
 
 def streaming_diloco(m: int, tau: int = 100, outer_optimizer: optax.GradientTransformation | None = None, *,
-                     fragments: int = 2, alpha: float = 0.0) -> Algorithm:
+                     fragments: int = 2, alpha: float = 0.0, delay: int = 0) -> Algorithm:
     """Streaming DiLoCo (Douillard et al. 2025): the model in ``fragments`` = P parts, each
-    synchronised by the outer optimizer every ``tau`` = H steps at staggered offsets: rounds of
-    H/P steps, round r synchronising fragment ``r mod P``.
+    synchronised by the outer optimizer every ``tau`` = H steps at staggered offsets, H/P steps
+    apart; with ``delay`` = V > 0 each fragment's all-reduce overlaps the next V inner steps (the
+    global fragment is merged V steps after the workers' fragment was sent).
 
     Args:
         m: workers.
         tau: H, the steps between two synchronisations of one fragment (a multiple of P).
         outer_optimizer: an entry-wise optax transformation (default Nesterov, lr 0.7, momentum 0.9).
-        fragments: P ≥ 1 (1 is DiLoCo).
+        fragments: P ≥ 1 (1 with V = 0 is DiLoCo).
         alpha: blend of the arriving global fragment, ``α·local + (1 − α)·global``, in [0, 1).
+        delay: V, the overlap in inner steps, 0 ≤ V < H/P (the paper's τ; 0: merged at once).
 
     Raises:
-        ValueError: ``tau`` not a multiple of ``fragments``, α outside [0, 1), a non-optax outer
-            optimizer.
+        ValueError: ``tau`` not a multiple of ``fragments``, V outside [0, H/P), α outside
+            [0, 1), a non-optax outer optimizer.
     """
     m = require_int("m", m, 1)
     p = require_int("fragments", fragments, 1)
@@ -90,7 +94,12 @@ def streaming_diloco(m: int, tau: int = 100, outer_optimizer: optax.GradientTran
     if h % p:
         raise ValueError(f"Streaming DiLoCo needs tau = H a multiple of fragments = P (rounds of H/P steps), "
                          f"got tau = {h}, fragments = {p}")
+    v = require_int("delay", delay, 0)
+    if v >= h // p:
+        raise ValueError(f"Streaming DiLoCo's delay V must be below H/P = {h // p} steps (a fragment merged "
+                         f"before the next one is sent), got delay = {v}")
     alpha = require_fraction("alpha", alpha, rule="the blend of the local fragment into the global one")
     tx = _outer(outer_optimizer)
-    return Algorithm(averaging(m), tau=h // p, name="streaming_diloco",
-                     mixer=partial(outer_mixer, tx=tx, fragments=p, alpha=alpha))
+    period = overlapped_period(h // p, v) if v else h // p
+    return Algorithm(averaging(m), tau=period, name="streaming_diloco",
+                     mixer=partial(outer_mixer, tx=tx, fragments=p, alpha=alpha, delay=v))

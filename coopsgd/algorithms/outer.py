@@ -38,7 +38,9 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from coopsgd.core import schedules
 from coopsgd.core.algorithm import Algorithm
+from coopsgd.core.communication import NONE
 from coopsgd.core.operator import MixingMatrix, averaging
 from coopsgd.core.validate import require_fraction, require_int, require_number
 from coopsgd.parallel import plan as _plan
@@ -53,6 +55,7 @@ __all__ = [
     "global_momentum_matrix",
     "local_sgd_global_momentum",
     "outer_mixer",
+    "overlapped_period",
     "outer_momentum",
     "outer_optimizer",
     "pseudo_gradient",
@@ -210,10 +213,14 @@ def _outer_step(tx, theta, outer, mean):
 
 
 def outer_mixer(algorithm: Algorithm, devices: bool = False, *, tx: optax.GradientTransformation,
-                fragments: int = 1, alpha: float = 0.0) -> Mixer:
-    """The outer-optimizer mixing: round r synchronises fragment ``r mod fragments`` (all of the
-    model for ``fragments = 1``). Its shared state is θ_global (the first worker's model at the
-    start) and one outer optimizer state per fragment."""
+                fragments: int = 1, alpha: float = 0.0, delay: int = 0) -> Mixer:
+    """The outer-optimizer mixing over P = ``fragments`` fragments of the model (all of it for
+    P = 1). Without ``delay`` round r synchronises fragment ``r mod P``: the outer step on
+    ``Δ = θ_global − mean_i θ_i`` and the workers' merge ``α·local + (1 − α)·θ_global`` (α = 0:
+    replaced). With ``delay`` = V > 0 the rounds alternate: round 2q synchronises fragment
+    ``q mod P`` (the all-reduce) and round 2q + 1, V steps later, merges it (no communication), so
+    the all-reduce overlaps V inner steps (the period schedule lays the rounds out). Its shared
+    state is θ_global (the first worker's model at the start) and one outer state per fragment."""
     m = algorithm.m
     full = _plan.plan_for_matrix(averaging(m), m)
 
@@ -227,31 +234,60 @@ def outer_mixer(algorithm: Algorithm, devices: bool = False, *, tx: optax.Gradie
         outer = tuple(tx.init(flat[a:b]) for a, b in _bounds(flat.shape[0], fragments))
         return MixerState(shared={"global": theta, "outer": outer})
 
-    def apply(columns, state: MixerState, mix_round: MixRound, axis: WorkerAxis):
-        theta, outer = state.shared["global"], list(state.shared["outer"])
-        f = mix_round.static or 0
+    def blend(x, g):
+        g = jnp.broadcast_to(g.astype(x.dtype), x.shape)
+        return g if alpha == 0 else (alpha * x + (1.0 - alpha) * g).astype(x.dtype)
+
+    def synchronise(columns, theta, outer, f, axis: WorkerAxis):
         if fragments == 1:
-            mean = jax.tree.map(axis.mean, columns)
-            theta, outer[0] = _outer_step(tx, theta, outer[0], mean)
-            workers = jax.tree.map(lambda x, t: jnp.broadcast_to(t.astype(x.dtype), x.shape), columns, theta)
-            return workers, MixerState(shared={"global": theta, "outer": tuple(outer)})
+            return _outer_step(tx, theta, outer, jax.tree.map(axis.mean, columns))
         flat_theta, unravel = ravel_pytree(theta)
         lo, hi = _bounds(flat_theta.shape[0], fragments)[f]
         flat_x = jax.vmap(lambda c: ravel_pytree(c)[0])(columns)
-        fragment, outer[f] = _outer_step(tx, flat_theta[lo:hi], outer[f], axis.mean(flat_x[:, lo:hi]))
-        blended = alpha * flat_x[:, lo:hi] + (1.0 - alpha) * fragment[None, :].astype(flat_x.dtype)
-        workers = jax.vmap(unravel)(flat_x.at[:, lo:hi].set(blended.astype(flat_x.dtype)))
-        theta = unravel(flat_theta.at[lo:hi].set(fragment))
-        return workers, MixerState(shared={"global": theta, "outer": tuple(outer)})
+        fragment, outer = _outer_step(tx, flat_theta[lo:hi], outer, axis.mean(flat_x[:, lo:hi]))
+        return unravel(flat_theta.at[lo:hi].set(fragment)), outer
+
+    def merge(columns, theta, f):
+        if fragments == 1:
+            return jax.tree.map(blend, columns, theta)
+        flat_theta, unravel = ravel_pytree(theta)
+        lo, hi = _bounds(flat_theta.shape[0], fragments)[f]
+        flat_x = jax.vmap(lambda c: ravel_pytree(c)[0])(columns)
+        return jax.vmap(unravel)(flat_x.at[:, lo:hi].set(blend(flat_x[:, lo:hi], flat_theta[lo:hi])))
+
+    def apply(columns, state: MixerState, mix_round: MixRound, axis: WorkerAxis):
+        part, f = mix_round.static
+        theta, outer = state.shared["global"], list(state.shared["outer"])
+        if part != "merge":
+            theta, outer[f] = synchronise(columns, theta, outer[f], f, axis)
+        if part != "sync":
+            columns = merge(columns, theta, f)
+        return columns, MixerState(shared={"global": theta, "outer": tuple(outer)})
 
     def plan(r: int) -> MixRound:
-        return MixRound(static=r % fragments if fragments > 1 else None)
+        if not delay:
+            return MixRound(static=("both", r % fragments))
+        return MixRound(static=("merge" if r % 2 else "sync", (r // 2) % fragments), moves=not r % 2)
 
     def traffic(r: int, param_bytes: float):
+        if delay and r % 2:
+            return NONE
         return _plan.communication(full, float(param_bytes) / fragments)
 
     kind = "DiLoCo" if fragments == 1 else f"Streaming DiLoCo ({fragments} fragments)"
-    return Mixer(init=init, apply=apply, traffic=traffic, plan=plan, name=f"{kind} outer optimizer")
+    return Mixer(init=init, apply=apply, traffic=traffic, plan=plan,
+                 name=f"{kind} outer optimizer" + (f", merged {delay} steps late" if delay else ""))
+
+
+def overlapped_period(round_steps: int, delay: int) -> schedules.PeriodSchedule:
+    """The rounds of an outer synchronisation every ``round_steps`` steps whose result is merged
+    ``delay`` steps later: ``round_steps`` first, then ``delay`` and ``round_steps − delay`` in turn."""
+    def tau(start: int) -> int:
+        if start == 0:
+            return round_steps
+        return delay if start % round_steps == 0 else round_steps - delay
+
+    return schedules.PeriodSchedule(tau, f"{round_steps} steps, merged {delay} later")
 
 
 def local_sgd_global_momentum(m: int, tau, lr: float | Callable = 1.0, momentum: float = 0.9) -> Algorithm:

@@ -47,6 +47,7 @@ DEFAULTS: dict[str, object] = {
     "outer.lr": 0.7,  # DiLoCo's outer learning rate (Nesterov SGD, as in the paper)
     "outer.momentum": 0.9,  # DiLoCo's outer momentum
     "fragments": 2,  # Streaming DiLoCo's P (tau is H, a multiple of P)
+    "fragment_delay": 0,  # Streaming DiLoCo's overlap V: inner steps between a fragment's send and merge
     "adacomm_tau0": None,  # default: 2 * tau
     "adacomm_interval": None,  # simulated seconds; default: a tenth of the estimated run time
     "steps": 400,
@@ -89,7 +90,8 @@ _CHOICES = {
     "runtime.comm": ("network", "constant", "random"),
 }
 _INTS = {"workers": 1, "steps": 1, "batch_size": 1, "seed": 0, "eval_every": 1,
-         "optimizer.warmup_steps": 0, "optimizer.decay_every": 0, "adacomm_tau0": 1, "fragments": 1}
+         "optimizer.warmup_steps": 0, "optimizer.decay_every": 0, "adacomm_tau0": 1, "fragments": 1,
+         "fragment_delay": 0}
 _POSITIVE = {"optimizer.lr", "dirichlet_alpha", "runtime.compute_time", "runtime.straggler_slowdown",
              "runtime.bandwidth", "adacomm_interval", "budget", "consensus_step", "outer.lr"}
 _NONNEG = {"runtime.compute_extra", "runtime.comm_time", "runtime.latency", "optimizer.momentum",

@@ -219,7 +219,7 @@ def _streaming_diloco(ctx):
     from coopsgd.algorithms.diloco import streaming_diloco
 
     return streaming_diloco(ctx.cfg["workers"], ctx.cfg["tau"], _outer_optimizer(ctx.cfg),
-                            fragments=ctx.cfg["fragments"])
+                            fragments=ctx.cfg["fragments"], delay=ctx.cfg["fragment_delay"])
 
 
 def _adacomm(ctx):
@@ -270,7 +270,8 @@ for _entry in (
     Entry("diloco", "DiLoCo: tau inner steps, then Nesterov outer SGD on the averaged pseudo-gradient",
           _diloco, {"tau": None, "outer.lr": None, "outer.momentum": None}, theory=False),
     Entry("streaming_diloco", "Streaming DiLoCo: fragments synchronised in turn, H = tau steps apart each",
-          _streaming_diloco, {"tau": None, "fragments": None, "outer.lr": None, "outer.momentum": None},
+          _streaming_diloco, {"tau": None, "fragments": None, "fragment_delay": None, "outer.lr": None,
+                              "outer.momentum": None},
           theory=False),
 ):
     register(_entry)
