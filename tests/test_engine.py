@@ -403,6 +403,35 @@ class TestTrainer:
         expect = {"keep": mu, "average": np.tile(mu.mean(0), (m, 1)), "reset": np.zeros_like(mu)}[sync]
         np.testing.assert_allclose(trace, expect, rtol=1e-5, atol=1e-6)
 
+    @pytest.mark.parametrize("inject", [False, True])
+    def test_reset_keeps_the_learning_rate_schedule_counting(self, inject):
+        """Warmup-cosine over the whole run: "reset" zeroes Adam's moments (its bias correction
+        restarts) at every mixing, but the schedule reads the global step, as written here."""
+        m, tau, steps = 2, 3, 9
+        lr = optax.warmup_cosine_decay_schedule(0.0, 0.2, 4, steps)
+        tx = optax.inject_hyperparams(optax.adam)(learning_rate=lr) if inject else optax.adam(lr)
+        batches = make_batches(steps, m, seed=16)
+        t = coopsgd.CooperativeSGD(coopsgd.local_sgd(m, tau), tx, loss_fn, sync_optimizer_state="reset")
+        state, _ = t.run(t.init(INIT), batches, steps)
+        w = np.tile(INIT["w"].astype(np.float64), (m, 1))
+        b = np.full(m, float(INIT["b"]))
+        for start in range(0, steps, tau):
+            mom = [(np.zeros(D_IN + 1), np.zeros(D_IN + 1)) for _ in range(m)]
+            for k in range(tau):
+                s = start + k
+                for i in range(m):
+                    gw, gb = grad_np(w[i], b[i], batches["x"][s, i].astype(np.float64),
+                                     batches["y"][s, i].astype(np.float64))
+                    g = np.append(gw, gb)
+                    mu, nu = 0.9 * mom[i][0] + 0.1 * g, 0.999 * mom[i][1] + 0.001 * g**2
+                    mom[i] = (mu, nu)
+                    step = (mu / (1 - 0.9 ** (k + 1))) / (np.sqrt(nu / (1 - 0.999 ** (k + 1))) + 1e-8)
+                    w[i] -= float(lr(s)) * step[:D_IN]
+                    b[i] -= float(lr(s)) * step[D_IN]
+            w[:], b[:] = w.mean(0), b.mean()
+        np.testing.assert_allclose(np.asarray(t.workers(state)["w"]), w, rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(np.asarray(t.workers(state)["b"]), b, rtol=2e-5, atol=2e-6)
+
     def test_has_aux_and_rng(self):
         m = 2
 

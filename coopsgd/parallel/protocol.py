@@ -34,6 +34,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from coopsgd.core.communication import Communication
 from coopsgd.parallel.collectives import WorkerAxis
@@ -113,8 +114,33 @@ SYNC_POLICIES: tuple[str, ...] = ("keep", "average", "reset")
 - ``"average"``: every floating-point leaf becomes the mean over the m workers at each mixing (one
   extra all-reduce of the optimizer state); integer leaves (step counts) are kept.
 - ``"reset"``: re-initialise the optimizer state from the mixed model (``optimizer.init``), as if
-  training restarted from it; Adam's bias correction starts again.
+  training restarted from it (moments zeroed, Adam's bias correction starts again) — except the
+  learning-rate schedules' step counts (``optax.ScaleByScheduleState`` and the counts and
+  hyperparameters of ``optax.inject_hyperparams``), which keep counting, so a warmup-cosine
+  schedule runs once over the whole run and does not warm up again after every mixing.
 """
+
+_INJECTED = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def _is_schedule_state(node) -> bool:
+    return isinstance(node, (optax.ScaleByScheduleState, *_INJECTED))
+
+
+def keep_schedule_counts(fresh, old):
+    """``fresh`` (a re-initialised optax state) with the schedule states of ``old``: every
+    ``ScaleByScheduleState`` kept whole; an injected-hyperparameter state keeps its count,
+    hyperparameters and schedule states while its inner state is reset the same way."""
+    def pick(new, before):
+        if isinstance(new, optax.ScaleByScheduleState):
+            return before
+        if isinstance(new, _INJECTED):
+            return new._replace(count=before.count, hyperparams=before.hyperparams,
+                                hyperparams_states=before.hyperparams_states,
+                                inner_state=keep_schedule_counts(new.inner_state, before.inner_state))
+        return new
+
+    return jax.tree.map(pick, fresh, old, is_leaf=_is_schedule_state)
 
 
 class OptimizerSync(NamedTuple):
@@ -141,7 +167,8 @@ def optimizer_sync(policy, optimizer) -> OptimizerSync:
     if policy == "keep":
         return OptimizerSync(lambda opt, columns, axis: opt, "keep", identity=True)
     if policy == "reset":
-        return OptimizerSync(lambda opt, columns, axis: jax.vmap(optimizer.init)(columns), "reset")
+        return OptimizerSync(lambda opt, columns, axis: keep_schedule_counts(jax.vmap(optimizer.init)(columns), opt),
+                             "reset")
 
     def average(opt, columns, axis):  # "average"
         def one(a):
