@@ -7,6 +7,7 @@ A *history* is a mapping with equal-length lists ``"step"``, ``"time"`` (simulat
 
 from __future__ import annotations
 
+import math
 import os
 
 import matplotlib
@@ -18,7 +19,7 @@ from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
 from coopsgd.app.files import atomic_write
 
-__all__ = ["RUN_FIGURES", "plot_curves", "plot_run_figures", "plot_topology"]
+__all__ = ["RUN_FIGURES", "plot_curves", "plot_run_figures", "plot_topology", "topology_layout"]
 
 RUN_FIGURES = {
     "loss_vs_step.png": ("step", "loss", "iteration", "training loss (worker average)"),
@@ -78,19 +79,74 @@ def plot_run_figures(histories: dict, folder, title: str = "") -> list[str]:
     return out
 
 
-def plot_topology(graph: nx.Graph, W, path, title: str = "") -> str:
-    """Draw ``graph`` (circular layout) with edge widths proportional to the weights ``W[i, j]``."""
+def topology_layout(graph: nx.Graph, name: str = "") -> dict:
+    """Node positions that show a named topology's structure (nodes ``0..n-1`` as
+    :func:`coopsgd.core.topology.by_name` numbers them): ``torus`` on its k × k grid, ``path`` on a
+    line, ``star`` with its hub (node 0) in the centre, ``hypercube`` as the projection of the
+    d-cube (node i at Σ_b bit_b(i)·(cos πb/d, sin πb/d)); anything else on a circle."""
+    n = graph.number_of_nodes()
+    nodes = sorted(graph.nodes)
+    if n <= 1:
+        return {v: np.zeros(2) for v in nodes}
+    if name == "torus" and math.isqrt(n) ** 2 == n:
+        side = math.isqrt(n)
+        return {v: np.array([v % side, -(v // side)], float) for v in nodes}
+    if name == "path":
+        return {v: np.array([v, 0.0]) for v in nodes}
+    if name == "star":
+        pos = nx.circular_layout(graph.subgraph(nodes[1:]))
+        pos[nodes[0]] = np.zeros(2)
+        return pos
+    if name == "hypercube" and n & (n - 1) == 0:
+        d = n.bit_length() - 1
+        angles = np.pi * np.arange(d) / d
+        axes = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+        return {v: ((v >> np.arange(d)) & 1) @ axes for v in nodes}
+    return nx.circular_layout(graph)
+
+
+def plot_topology(graph: nx.Graph, W, path, title: str = "", name: str = "") -> str:
+    """Draw ``graph`` in :func:`topology_layout` for ``name``: edge widths proportional to the weights
+    ``W[i, j]`` (explained in the legend), nodes coloured by their self-weights ``W[i, i]``. On a
+    torus the wrap-around edges are dashed arcs."""
     W = np.asarray(W)
-    fig = Figure(figsize=(5, 5))
+    fig = Figure(figsize=(6.0, 5.2))
     ax = fig.add_subplot()
-    pos = nx.circular_layout(graph) if graph.number_of_nodes() > 1 else {0: np.zeros(2)}
-    for i, j in graph.edges:
+    pos = topology_layout(graph, name)
+    weights = [abs(W[i, j]) for i, j in graph.edges]
+
+    def width(w):  # points; the same scale on every drawing
+        return 0.4 + 10.0 * w
+
+    side = math.isqrt(graph.number_of_nodes()) if name == "torus" else 0
+    for (i, j), w in zip(graph.edges, weights):
         (x0, y0), (x1, y1) = pos[i], pos[j]
-        ax.plot([x0, x1], [y0, y1], color="tab:gray", lw=0.5 + 6.0 * abs(W[i, j]), zorder=1)
-    xy = np.array([pos[i] for i in sorted(graph.nodes)])
-    ax.scatter(xy[:, 0], xy[:, 1], s=300, color="tab:blue", zorder=2)
-    for i in graph.nodes:
-        ax.annotate(str(i), pos[i], ha="center", va="center", color="white", fontsize=8, zorder=3)
+        wraps = side and (abs(x1 - x0) > 1 or abs(y1 - y0) > 1)
+        if wraps:
+            bend = 0.35 if abs(x1 - x0) > 1 else -0.35
+            mid = (np.array([x0 + x1, y0 + y1]) / 2) + bend * np.array([0.0, 1.0] if abs(x1 - x0) > 1 else [1.0, 0.0])
+            ax.plot([x0, mid[0], x1], [y0, mid[1], y1], color="tab:gray", lw=width(w), ls=":", alpha=0.6, zorder=1)
+        else:
+            ax.plot([x0, x1], [y0, y1], color="tab:gray", lw=width(w), zorder=1)
+    order = sorted(graph.nodes)
+    xy = np.array([pos[i] for i in order])
+    diag = np.array([W[i, i] for i in order])
+    vmax = max(1e-12, float(diag.max()))
+    dots = ax.scatter(xy[:, 0], xy[:, 1], s=320, c=diag, cmap="Blues", vmin=0.0, vmax=vmax,
+                      edgecolors="black", linewidths=0.5, zorder=2)
+    for i, d in zip(order, diag):
+        ax.annotate(str(i), pos[i], ha="center", va="center", fontsize=7, zorder=3,
+                    color="white" if d > 0.6 * vmax else "black")
+    fig.colorbar(dots, ax=ax, shrink=0.7, label="self-weight $W_{ii}$")
+    if weights:
+        shown = sorted({round(min(weights), 4), round(max(weights), 4)})
+        handles = [ax.plot([], [], color="tab:gray", lw=width(w))[0] for w in shown]
+        labels = [f"$W_{{ij}}$ = {w:.4g}" for w in shown]
+        if side:
+            handles.append(ax.plot([], [], color="tab:gray", ls=":", lw=1.5)[0])
+            labels.append("wrap-around edge")
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=len(labels),
+                  fontsize=8, frameon=False, title="edge width ∝ weight", title_fontsize=8)
     ax.set_aspect("equal")
     ax.axis("off")
     if title:
