@@ -432,6 +432,17 @@ class TestTrainer:
         np.testing.assert_allclose(np.asarray(t.workers(state)["w"]), w, rtol=2e-5, atol=2e-6)
         np.testing.assert_allclose(np.asarray(t.workers(state)["b"]), b, rtol=2e-5, atol=2e-6)
 
+    @pytest.mark.parametrize("make", [lambda: coopsgd.fully_sync(1), lambda: coopsgd.local_sgd(1, 4)])
+    def test_one_worker_is_plain_sgd(self, make):
+        batches = make_batches(5, 1, seed=17)
+        t = coopsgd.CooperativeSGD(make(), optax.sgd(LR), loss_fn)
+        state, _ = t.run(t.init(INIT), batches, 5)
+        w, b = INIT["w"].astype(np.float64), float(INIT["b"])
+        for s in range(5):
+            gw, gb = grad_np(w, b, batches["x"][s, 0].astype(np.float64), batches["y"][s, 0].astype(np.float64))
+            w, b = w - LR * gw, b - LR * gb
+        np.testing.assert_allclose(np.asarray(t.workers(state)["w"])[0], w, rtol=2e-5, atol=2e-6)
+
     def test_has_aux_and_rng(self):
         m = 2
 

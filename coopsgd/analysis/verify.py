@@ -28,8 +28,10 @@ import numpy as np
 from coopsgd.analysis import problems as _problems
 from coopsgd.analysis import theory
 from coopsgd.analysis.exact import check_run_args, exact_expected_error
+from coopsgd.core.validate import require_memory
 
 __all__ = [
+    "EXACT_FLOPS",
     "BoundCheck",
     "check_bound",
     "format_table",
@@ -101,6 +103,31 @@ def _seed_keys(seeds, key):
     return jax.vmap(jax.random.PRNGKey)(arr)
 
 
+EXACT_FLOPS = 1e12
+"""Most floating-point operations :func:`check_bound` lets the exact recursion take (a minute or so
+on a few cores)."""
+
+
+def _require_fits(algorithm, problem, K: int, seeds, exact: bool) -> None:
+    """The harness's arrays must fit in memory, checked before anything is allocated: per seed its
+    key, the (K,) gradient norms twice (float32 on the device, float64 on the host) and about 16
+    model-sized arrays of the vmapped round (n columns of d numbers); the exact recursion holds
+    about five (d, n, n) float64 covariances."""
+    count = seeds if isinstance(seeds, (int, np.integer)) else len(seeds) if hasattr(seeds, "__len__") else 0
+    n, d = algorithm.n, int(np.size(problem.x0))
+    require_memory(f"verify with {count} seeds x {K} steps (n = {n}, d = {d})",
+                   count * (8.0 + 24.0 * K + 64.0 * n * d), "use fewer seeds or steps")
+    if exact:
+        skip = "use fewer workers or dimensions, or skip it (exact=False, --no-exact)"
+        require_memory(f"the exact recursion on n = {n} columns in d = {d} dimensions", 40.0 * d * n * n, skip)
+        tau = algorithm.tau if isinstance(algorithm.tau, int) else 1
+        flops = 4.0 * d * n**3 * max(1, K // tau)  # W_kᵀ Σ W_k per coordinate and mixing
+        if flops > EXACT_FLOPS:
+            raise ValueError(f"the exact recursion on n = {n} columns in d = {d} dimensions over {K} steps would "
+                             f"take about {flops:.2g} floating-point operations (minutes to hours, more than "
+                             f"{EXACT_FLOPS:.0e}); {skip}")
+
+
 def _mixing_index(algorithm, K: int, max_distinct: int = 32):
     """For each step k < K: -1 if it ends without mixing, else the index of its W_k in a list of
     the distinct matrices used; and a representative round index for each of them."""
@@ -145,6 +172,7 @@ def gradient_norms(algorithm, problem, eta, K, seeds=100, *, key: int = 0) -> tu
 
     eta, K = check_run_args(algorithm, eta, K)
     problem.check_workers(algorithm.m)
+    _require_fits(algorithm, problem, K, seeds, exact=False)
     keys = _seed_keys(seeds, key)
     mix_index, mix_rounds = _mixing_index(algorithm, K)
     engine = CooperativeSGD(algorithm, optax.sgd(eta), problem.loss_fn, track_consensus=False)
@@ -205,6 +233,8 @@ def check_bound(algorithm, problem, eta, K, seeds=100, *, key: int = 0, exact: b
     """
     eta, K = check_run_args(algorithm, eta, K)
     problem.check_workers(algorithm.m)
+    exact = bool(exact or (exact is None and isinstance(problem, _problems.Quadratic)))
+    _require_fits(algorithm, problem, K, seeds, exact)
     bound = theory.bound_for(
         algorithm, L=problem.L, sigma2=problem.sigma2, f_gap=problem.f_gap, eta=eta, K=K, warn=False
     )
@@ -226,9 +256,7 @@ def check_bound(algorithm, problem, eta, K, seeds=100, *, key: int = 0, exact: b
     per_seed = g2.mean(axis=1)
     empirical = float(per_seed.mean())
     stderr = float(per_seed.std(ddof=1) / math.sqrt(len(per_seed)))
-    exact_value = None
-    if exact or (exact is None and isinstance(problem, _problems.Quadratic)):
-        exact_value = exact_expected_error(algorithm, problem, eta, K)
+    exact_value = exact_expected_error(algorithm, problem, eta, K) if exact else None
     finite = math.isfinite(empirical)
     holds = finite and empirical <= bound.total and (exact_value is None or exact_value <= bound.total)
     if not finite:

@@ -1,9 +1,9 @@
 """The ``coopsgd`` command line: ``coopsgd {compare,train,topology,verify} …``.
 
-Bad input anywhere (an unknown name, a bad number, an unreadable file, an output folder that cannot
-be written) ends with one line on stderr and exit code 2, with no traceback and nothing
-half-written; a run that diverges (a NaN or Inf loss) ends with one line and exit code 1. Set
-``COOPSGD_DEBUG=1`` to see the traceback instead.
+Bad input anywhere (an unknown name, a bad or too large number, an unreadable file, an output folder
+that cannot be written, a size this machine cannot hold) ends with one line on stderr and exit code 2,
+with no traceback and nothing half-written; a run that diverges (a NaN or Inf loss) ends with one
+line and exit code 1. Set ``COOPSGD_DEBUG=1`` to see the traceback instead.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             print(_one_line(f"{PROG} {args.command}: unavailable ({reason})"), file=sys.stderr)
             return 1
         return int(module.run(args) or 0)
-    except (UsageError, CommandError, ValueError, OSError) as err:
+    except (UsageError, CommandError, ValueError, OSError, OverflowError) as err:
         if os.environ.get("COOPSGD_DEBUG"):
             raise
         msg = str(err) if isinstance(err, UsageError) else f"{PROG}: error: {err}"

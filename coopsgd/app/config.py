@@ -18,7 +18,13 @@ import numpy as np
 from coopsgd.algorithms import compression
 from coopsgd.app import registry
 from coopsgd.core import mixing, schedules, topology
-from coopsgd.core.validate import INT32_MAX
+from coopsgd.core.validate import (
+    INT32_MAX,
+    INT32_RULE,
+    format_bytes,
+    require_int,
+    require_memory,
+)
 from coopsgd.parallel.backends import BACKENDS
 
 __all__ = [
@@ -26,12 +32,14 @@ __all__ = [
     "build_lr_schedule",
     "build_optimizer",
     "build_runtime",
+    "check_fits",
     "depends_on_steps",
     "expected_delay",
     "flatten",
     "load_toml",
     "make_config",
     "parse_override",
+    "require_tau_applies",
 ]
 
 DEFAULTS: dict[str, object] = {
@@ -129,6 +137,8 @@ def parse_override(text: str) -> tuple[str, object]:
 def load_toml(path) -> dict[str, object]:
     """Read a TOML file into dotted keys (not yet validated)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"config file {path!r} is a folder, not a TOML file")
     if not os.path.isfile(path):
         raise ValueError(f"config file {path!r} does not exist")
     try:
@@ -141,19 +151,55 @@ def load_toml(path) -> dict[str, object]:
 
 
 def _check_tau(value):
-    """τ: an integer >= 1, or piecewise ``[[start_step, tau], ...]`` starting at step 0."""
+    """τ: an integer in [1, 2³¹ − 1], or piecewise ``[[start_step, tau], ...]`` starting at step 0."""
     if isinstance(value, list):
         try:
             pairs = [tuple(p) for p in value]
             if any(len(p) != 2 for p in pairs):
                 raise ValueError("each entry must be [start_step, tau]")
             schedules.piecewise(pairs)
+            for start, tau in pairs:
+                require_int("segment start", start, 0, INT32_MAX, rule=INT32_RULE)
+                require_int("segment tau", tau, 1, INT32_MAX, rule=INT32_RULE)
         except (TypeError, ValueError) as err:
             raise ValueError(f"tau as a schedule must be [[0, tau0], [start, tau], ...]: {err}") from None
         return [[int(a), int(b)] for a, b in pairs]
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"tau must be an integer >= 1 or a list [[0, tau0], [start, tau], ...], got {value!r}")
-    return int(value)
+    return require_int("tau", value, 1, INT32_MAX, rule=INT32_RULE)
+
+
+def require_tau_applies(algorithm: str, tau, among=None) -> None:
+    """ValueError if ``algorithm``'s period is fixed to 1 and ``tau`` is not 1 (it would be
+    ignored), naming the algorithms with a period (those of ``among``, default all). A τ schedule
+    (a list) is left to :func:`coopsgd.app.registry.build`, which refuses it for every algorithm
+    whose period is not the ``tau`` key."""
+    if registry.get(algorithm).period == "one" and not isinstance(tau, list) and tau != 1:
+        periodic = [n for n in (among or registry.names()) if registry.get(n).period == "tau"]
+        raise ValueError(f"{algorithm} has tau = 1 by definition, got tau = {tau!r}; for tau > 1 use one of "
+                         f"{', '.join(periodic)}")
+
+
+def _longest_period(cfg: Mapping) -> int:
+    """The longest τ of a round that starts within the run."""
+    tau = cfg["tau"]
+    return max(t for s, t in tau if s < cfg["steps"]) if isinstance(tau, list) else tau
+
+
+def _check_period(cfg: Mapping, tau_given: bool) -> None:
+    """τ that the algorithm does not read, or that no round of the run would end, is refused; so
+    is a clock round that cannot be held in memory."""
+    entry = registry.get(cfg["algorithm"])
+    if tau_given:
+        require_tau_applies(entry.name, cfg["tau"])
+    if entry.period != "tau":
+        return
+    longest = _longest_period(cfg)
+    if longest > cfg["steps"]:
+        raise ValueError(f"tau = {longest} is longer than the run (steps = {cfg['steps']}): no round would end, "
+                         "so the workers would never communicate; use tau <= steps")
+    require_memory(f"timing rounds of tau = {longest} steps on {cfg['workers']} workers",
+                   24.0 * longest * cfg["workers"], "use a shorter tau or fewer workers")
 
 
 def _check_value(key: str, value):
@@ -189,23 +235,35 @@ def _check_value(key: str, value):
             raise ValueError(f"{key} must be a non-empty string, got {value!r}")
         if key == "compressor":
             compression.by_name(value)
+        if key == "data" and value != "digits" and os.path.isdir(value):
+            raise ValueError(f"data {value!r} is a folder; pass a .npz file with arrays x and y")
         return value
     raise AssertionError(key)  # pragma: no cover
 
 
-def make_config(*layers: Mapping) -> dict[str, object]:
+def make_config(*layers: Mapping, strict: bool = False) -> dict[str, object]:
     """Defaults overlaid by each layer of dotted keys in turn, every value validated.
 
+    ``tau`` is a shared key: an algorithm whose period is fixed to 1 (``fully_sync``, ``dpsgd``, …)
+    ignores it, so that one configuration serves every algorithm (``compare``, sweeps). With
+    ``strict`` — for a command that runs the one algorithm its user named (``train``) — τ ≠ 1 set
+    for such an algorithm is refused instead, unless it comes from a layer holding every key (a
+    saved configuration, a checkpoint's), where it is the shared default.
+
     Raises:
-        ValueError: an unknown key (listing the valid ones), a value of the wrong type or range, or
-            an unknown algorithm / topology / weight rule name (listing the valid names).
+        ValueError: an unknown key (listing the valid ones), a value of the wrong type or range, an
+            unknown algorithm / topology / weight rule name (listing the valid names), τ longer
+            than ``steps``, a runtime model that gives no finite time; with ``strict``, τ given to
+            an algorithm with τ = 1.
     """
     cfg = dict(DEFAULTS)
+    tau_given = False
     for layer in layers:
         for key, value in layer.items():
             if key not in DEFAULTS:
                 raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(DEFAULTS)}")
             cfg[key] = value
+        tau_given |= strict and "tau" in layer and not set(DEFAULTS) <= set(layer)
     for key in DEFAULTS:
         cfg[key] = _check_value(key, cfg[key])
     registry.get(cfg["algorithm"])
@@ -214,7 +272,36 @@ def make_config(*layers: Mapping) -> dict[str, object]:
     rules = mixing.weight_rule_names()
     if cfg["weights"] not in rules:
         raise ValueError(f"unknown weight rule {cfg['weights']!r}; valid rules: {', '.join(rules)}")
+    _check_period(cfg, tau_given)
+    build_runtime(cfg)  # the runtime model's own checks (a bandwidth too small for a finite time)
     return cfg
+
+
+OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "nesterov": 1, "adam": 2}
+"""Model-sized buffers of each optimizer's state per worker."""
+
+
+def check_fits(cfg: Mapping, model, example_bytes: float = 0.0, steps_per_call: int = 256) -> None:
+    """ValueError if training ``cfg`` would not fit in this machine's memory, before any work.
+
+    ``model``: a :class:`coopsgd.app.models.Model` (its size is traced, nothing is allocated) or
+    the bytes of one model. The estimate: ``workers`` columns of the model, about ``5 + s`` times
+    over (parameters, gradients, the mixing's output, a mixer's copies, and the optimizer's ``s``
+    model-sized slots, :data:`OPTIMIZER_SLOTS`), plus one fused call's batches
+    (``steps_per_call × workers × batch_size`` examples of ``example_bytes``)."""
+    if hasattr(model, "init"):
+        import jax
+
+        shapes = jax.eval_shape(model.init, jax.random.key(0))
+        param_bytes = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
+    else:
+        param_bytes = float(model)
+    m = cfg["workers"]
+    copies = 5 + OPTIMIZER_SLOTS[cfg["optimizer.name"]]
+    batches = min(steps_per_call, cfg["steps"]) * m * cfg["batch_size"] * example_bytes
+    need = copies * (m + 2) * float(param_bytes) + batches
+    require_memory(f"training {m} workers of a {format_bytes(param_bytes)} model ({copies} copies each) "
+                   f"with batches of {cfg['batch_size']}", need, "use fewer workers, a smaller model or batch")
 
 
 # --------------------------------------------------------------------------------- builders

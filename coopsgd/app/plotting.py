@@ -13,6 +13,7 @@ import os
 import matplotlib
 import networkx as nx
 import numpy as np
+import scipy.sparse as sp
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
@@ -109,11 +110,11 @@ def plot_topology(graph: nx.Graph, W, path, title: str = "", name: str = "") -> 
     """Draw ``graph`` in :func:`topology_layout` for ``name``: edge widths proportional to the weights
     ``W[i, j]`` (explained in the legend), nodes coloured by their self-weights ``W[i, i]``. On a
     torus the wrap-around edges are dashed arcs."""
-    W = np.asarray(W)
+    csr = W.tocsr() if hasattr(W, "tocsr") else sp.csr_array(np.asarray(W))  # never a dense n × n copy
     fig = Figure(figsize=(6.0, 5.2))
     ax = fig.add_subplot()
     pos = topology_layout(graph, name)
-    weights = [abs(W[i, j]) for i, j in graph.edges]
+    weights = [abs(float(csr[i, j])) for i, j in graph.edges]
 
     def width(w):  # points; the same scale on every drawing
         return 0.4 + 10.0 * w
@@ -130,7 +131,7 @@ def plot_topology(graph: nx.Graph, W, path, title: str = "", name: str = "") -> 
             ax.plot([x0, x1], [y0, y1], color="tab:gray", lw=width(w), zorder=1)
     order = sorted(graph.nodes)
     xy = np.array([pos[i] for i in order])
-    diag = np.array([W[i, i] for i in order])
+    diag = np.asarray(csr.diagonal())[order]
     vmax = max(1e-12, float(diag.max()))
     dots = ax.scatter(xy[:, 0], xy[:, 1], s=320, c=diag, cmap="Blues", vmin=0.0, vmax=vmax,
                       edgecolors="black", linewidths=0.5, zorder=2)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from coopsgd.core import schedules, spectral
+from coopsgd.core import mixing, schedules, spectral
 from coopsgd.core.operator import MixingMatrix, identity
-from coopsgd.core.validate import require_int
+from coopsgd.core.validate import INT32_MAX, INT32_RULE, require_int
 
 __all__ = ["Algorithm"]
 
@@ -33,6 +33,16 @@ class Algorithm:
             push-sum, an outer optimizer), the factory ``mixer(algorithm, devices) -> Mixer`` of
             its :class:`~coopsgd.parallel.protocol.Mixer` (``devices``: whether the workers are
             spread over devices); the trainer then runs it. None: the linear W.
+        allow_nonconsensus: skip the consensus checks. By default a static W must have a
+            connected support and ζ ≤ 1 (no eigenvalue but the one at 1 outside the unit circle:
+            :func:`coopsgd.core.mixing.require_consensus`), and a time-varying W must connect the
+            workers over its rounds (the union of its supports); set True to study a W that breaks
+            them (independent workers, W = I; a divergent W).
+
+    Raises:
+        ValueError: a W that is not column-stochastic, real and finite; a disconnected W or one
+            with ζ > 1 (unless ``allow_nonconsensus``); τ < 1 or τ > 2³¹ − 1 (the int32 step
+            counter); a bad v or m.
 
     Example:
         >>> import coopsgd
@@ -45,7 +55,8 @@ class Algorithm:
 
     __slots__ = ("_mixer", "_mixing", "_name", "_period", "_v")
 
-    def __init__(self, W, tau=1, v: int = 0, *, m: int | None = None, name: str = "custom", mixer=None):
+    def __init__(self, W, tau=1, v: int = 0, *, m: int | None = None, name: str = "custom", mixer=None,
+                 allow_nonconsensus: bool = False):
         v = require_int("v", v, 0)
         shape = getattr(W, "shape", None) or (np.shape(W) if not isinstance(W, schedules.MixingSchedule) else None)
         n = W.n if isinstance(W, schedules.MixingSchedule) else (shape[0] if shape else None)
@@ -53,9 +64,16 @@ class Algorithm:
             raise ValueError(f"W is {n} x {n} but m + v = {m} + {v} = {m + v}")
         if n is not None and v >= n:
             raise ValueError(f"v = {v} auxiliary columns leave no workers in a {n} x {n} W (n = m + v needs m >= 1)")
+        if not isinstance(W, (schedules.MixingSchedule, MixingMatrix)):
+            W = mixing.check(W, v=v)  # named "W" in messages (a schedule's matrices are W[r])
         mixing_schedule = schedules.as_mixing(W, v)
+        if not allow_nonconsensus:
+            _require_consensus(mixing_schedule)
+        period = schedules.as_period(tau)
+        if period.constant_tau is not None:
+            require_int("tau", period.constant_tau, 1, INT32_MAX, rule=INT32_RULE)
         object.__setattr__(self, "_mixing", mixing_schedule)
-        object.__setattr__(self, "_period", schedules.as_period(tau))
+        object.__setattr__(self, "_period", period)
         object.__setattr__(self, "_v", v)
         object.__setattr__(self, "_name", str(name))
         if mixer is not None and not callable(mixer):
@@ -145,3 +163,18 @@ class Algorithm:
         cheap = self.is_static or self.n <= spectral.DENSE_EIG_LIMIT
         zeta = f", zeta={self.zeta:.4g}" if cheap else ""
         return f"Algorithm({self._name}: tau={self.tau!r}, W={w}, v={self._v}, m={self.m}{zeta})"
+
+
+_OPT_OUT = " (pass allow_nonconsensus=True to build it anyway)"
+
+
+def _require_consensus(schedule: schedules.MixingSchedule) -> None:
+    """A static W: connected and ζ ≤ 1; a cycle or a random schedule: the union of its supports
+    connected (a schedule that says neither is not checked)."""
+    cycle = schedule.cycle
+    if cycle is not None and len(cycle) == 1:
+        mixing.require_consensus(cycle[0], opt_out=_OPT_OUT)
+    elif cycle is not None:
+        mixing.require_connected_union(cycle, opt_out=_OPT_OUT)
+    elif schedule.support is not None:
+        mixing.require_connected_union([schedule.support], opt_out=_OPT_OUT)

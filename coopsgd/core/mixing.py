@@ -17,10 +17,12 @@ from scipy.sparse import csgraph
 
 from coopsgd.core import topology
 from coopsgd.core.operator import DENSE_LIMIT, MixingMatrix, as_operator, averaging
+from coopsgd.core.validate import require_real_dtype
 
 __all__ = [
     "ATOL",
     "WEIGHT_RULES",
+    "ZETA_ATOL",
     "averaging",
     "best_constant",
     "check",
@@ -32,12 +34,18 @@ __all__ = [
     "metropolis",
     "push_weights",
     "require_connected",
+    "require_connected_union",
+    "require_consensus",
     "support_graph",
     "weight_rule_names",
 ]
 
 ATOL = 1e-8
 """Tolerance for column sums and symmetry in :func:`check`."""
+
+ZETA_ATOL = 1e-6
+"""How far above 1 an eigenvalue modulus of W may lie (round-off) before :func:`require_consensus`
+calls repeated mixing divergent."""
 
 
 def _edges(graph: nx.Graph) -> tuple[int, np.ndarray, np.ndarray]:
@@ -214,9 +222,13 @@ def check(w, *, n: int | None = None, symmetric: bool = False, atol: float = ATO
     gradients), and, when ``symmetric=True``, ``W = Wᵀ`` within ``atol`` (so W is doubly
     stochastic, as Theorem 1 of Wang & Joshi assumes). O(non-zeros).
 
+    Integer and boolean arrays are refused too (weights are fractions; convert to float first).
+
     Raises:
         ValueError: naming the first rule ``W`` breaks and where.
     """
+    if not isinstance(w, MixingMatrix):
+        require_real_dtype(name, w.dtype if sp.issparse(w) else np.asarray(w).dtype, what="a float matrix")
     w = as_operator(w, v=v, name=name)
     if n is not None and w.n != n:
         raise ValueError(f"{name} must be {n} x {n} (n = m + v), got {w.n} x {w.n}")
@@ -257,6 +269,44 @@ def _support_csr(w: MixingMatrix) -> sp.csr_array:
     return pattern
 
 
+def _links(w: MixingMatrix) -> sp.csr_array:
+    """A sparse pattern with the connectivity of W's support, O(edges) at any size: the support
+    itself, or for a full mean-form worker block (c ≠ 0) a star over the workers."""
+    if w.form != "mean" or w.c == 0:
+        return _support_csr(w)
+    m = w.m
+    star = sp.csr_array((np.ones(m - 1), (np.zeros(m - 1, dtype=np.int64), np.arange(1, m))), shape=(m, m))
+    if w.v:
+        star = sp.block_array([[star, sp.csr_array(w.wa)], [sp.csr_array(w.aw), sp.csr_array(w.aa)]],
+                              format="csr")
+    return (abs(star) + abs(star.T)).tocsr()
+
+
+def _norm_bound(w: MixingMatrix) -> float:
+    """``min(‖W‖₁, ‖W‖_∞)`` (largest absolute column or row sum), which bounds the modulus of every
+    eigenvalue of W; O(non-zeros)."""
+    if w.form == "mean":
+        diag, c = w.worker_block()
+        cols = rows = np.abs(diag) + abs(c) * (w.m - 1)
+    else:
+        ww = abs(w.worker_block())
+        cols, rows = (np.asarray(ww.sum(axis=a), dtype=np.float64).reshape(-1) for a in (0, 1))
+    wa, aw, aa = np.abs(w.wa), np.abs(w.aw), np.abs(w.aa)
+    cols = np.concatenate([cols + aw.sum(axis=0), wa.sum(axis=0) + aa.sum(axis=0)])
+    rows = np.concatenate([rows + wa.sum(axis=1), aw.sum(axis=1) + aa.sum(axis=1)])
+    return float(min(cols.max(), rows.max()))
+
+
+def _sizes(pattern) -> list[int]:
+    count, labels = csgraph.connected_components(pattern, directed=False)
+    return sorted(np.bincount(labels, minlength=count).tolist(), reverse=True)
+
+
+def _components(sizes: list[int]) -> str:
+    shown = ", ".join(str(s) for s in sizes[:10]) + (", ..." if len(sizes) > 10 else "")
+    return f"{len(sizes)} components of sizes [{shown}]"
+
+
 def support_graph(w) -> nx.Graph:
     """The undirected graph with an edge {i, j} wherever W[i, j] or W[j, i] is non-zero (i ≠ j)."""
     pattern = sp.coo_array(_support_csr(check(w) if not isinstance(w, MixingMatrix) else w))
@@ -272,10 +322,7 @@ def component_sizes(graph_or_w) -> list[int]:
     if isinstance(graph_or_w, nx.Graph):
         return sorted((len(c) for c in nx.connected_components(graph_or_w)), reverse=True)
     w = graph_or_w if isinstance(graph_or_w, MixingMatrix) else check(graph_or_w)
-    if w.form == "mean" and w.c != 0:
-        return [w.n] if (w.v == 0 or np.any(w.wa) or np.any(w.aw)) else [w.m] + [1] * w.v
-    count, labels = csgraph.connected_components(_support_csr(w), directed=False)
-    return sorted(np.bincount(labels, minlength=count).tolist(), reverse=True)
+    return _sizes(_links(w))
 
 
 def require_connected(graph_or_w, purpose: str = "consensus"):
@@ -286,7 +333,46 @@ def require_connected(graph_or_w, purpose: str = "consensus"):
     sizes = component_sizes(graph_or_w)
     if len(sizes) > 1:
         raise ValueError(
-            f"{purpose} needs a connected graph, but it has {len(sizes)} components "
-            f"of sizes {sizes}: workers in different components never agree"
+            f"{purpose} needs a connected graph, but it has {_components(sizes)}: "
+            "workers in different components never agree"
         )
     return graph_or_w
+
+
+def require_connected_union(ops, name: str = "the mixing schedule", opt_out: str = "") -> None:
+    """ValueError unless the union of the supports of ``ops`` (MixingMatrix values, or 0/1
+    patterns) is connected: a time-varying W may leave every single W^(r) disconnected (matchings,
+    one-peer graphs), but over its rounds every worker must reach every other. O(edges)."""
+    ops = [w if isinstance(w, MixingMatrix) else as_operator(w) for w in ops]
+    sizes = _sizes(sum(_links(w) for w in ops))
+    if len(sizes) > 1:
+        raise ValueError(f"{name} never connects its workers: the union of its supports has "
+                         f"{_components(sizes)}, so workers in different components never agree{opt_out}")
+
+
+def require_consensus(w: MixingMatrix, name: str = "W", opt_out: str = "") -> MixingMatrix:
+    """``w`` if mixing with it again and again reaches every worker and cannot blow up: its support
+    is connected, and no eigenvalue but the one at 1 has modulus above ``1 + ZETA_ATOL`` (ζ ≤ 1).
+
+    ζ = 1 is accepted (a bipartite graph with zero self-weights, or W = I for n = 1). A W with
+    ``‖W‖₁ ≤ 1`` or ``‖W‖_∞ ≤ 1`` (every non-negative column-stochastic W) has no eigenvalue
+    outside the unit circle, so ζ is computed only for the others, and only where that is cheap:
+    up to :data:`~coopsgd.core.spectral.DENSE_EIG_LIMIT` columns, or by a closed form beyond
+    (exchangeable workers, a circulant W). ``opt_out`` ends the messages (how to skip the check).
+    """
+    sizes = component_sizes(w)
+    if len(sizes) > 1:
+        raise ValueError(f"{name} is disconnected: its support has {_components(sizes)}, so workers in "
+                         f"different components never agree{opt_out}")
+    if _norm_bound(w) <= 1.0 + ZETA_ATOL:
+        return w
+    from coopsgd.core import spectral
+
+    if w.n > spectral.DENSE_EIG_LIMIT and spectral._exchangeable(w) is None and w.circulant_offsets() is None:
+        return w  # a sparse eigen-solver may take long here; such W come from weight rules
+    z = spectral.zeta(w)
+    if z > 1.0 + ZETA_ATOL:
+        raise ValueError(f"{name} has zeta = {z:.6g} > 1: an eigenvalue of modulus {z:.6g} besides the one at "
+                         "1 makes repeated mixing amplify the workers' differences until they overflow; a "
+                         f"mixing matrix needs every other eigenvalue within the unit circle{opt_out}")
+    return w

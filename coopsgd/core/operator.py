@@ -37,12 +37,21 @@ Form = Literal["mean", "sparse", "dense"]
 """Storage forms of the worker block."""
 
 
+def _real(x, name: str):
+    """``x`` (an array, a ``scipy.sparse`` matrix or a number) unless it is complex, which would
+    lose its imaginary part in float64."""
+    dtype = x.dtype if sp.issparse(x) else np.asarray(x).dtype
+    if dtype.kind == "c":
+        raise ValueError(f"{name} must be real, got dtype {dtype} (the imaginary part would be lost)")
+    return x
+
+
 def _dense_block(x, shape: tuple[int, int], name: str) -> np.ndarray:
     if x is None:
         return np.zeros(shape)
     if sp.issparse(x):
         x = x.toarray()
-    arr = np.asarray(x, dtype=np.float64)
+    arr = np.asarray(_real(x, name), dtype=np.float64)
     if arr.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
     return arr
@@ -97,15 +106,18 @@ class MixingMatrix:
     # ------------------------------------------------------------------------- constructors
     @classmethod
     def mean(cls, diag, c: float, wa=None, aw=None, aa=None) -> MixingMatrix:
-        """``W_ww = c·11ᵀ`` off the diagonal and ``diag`` on it (the auxiliary blocks as given)."""
-        diag = np.asarray(diag, dtype=np.float64).reshape(-1)
+        """``W_ww = c·11ᵀ`` off the diagonal and ``diag`` on it (the auxiliary blocks as given; one
+        worker has no off-diagonal, so its c is 0)."""
+        diag = np.asarray(_real(diag, "the diagonal of W"), dtype=np.float64).reshape(-1)
         v = 0 if wa is None else np.shape(wa)[1]
+        c = 0.0 if len(diag) == 1 else _real(c, "c")
         return cls("mean", len(diag), diag=diag, c=c, wa=wa, aw=aw, aa=aa, v=v)
 
     @classmethod
     def from_blocks(cls, ww, wa=None, aw=None, aa=None) -> MixingMatrix:
         """A sparse (``scipy.sparse``) or dense (NumPy) worker block with the auxiliary blocks."""
         v = 0 if wa is None else np.shape(wa)[1]
+        ww = _real(ww, "W")
         if sp.issparse(ww):
             ww = sp.csr_array(ww, dtype=np.float64, copy=True)
             ww.eliminate_zeros()

@@ -45,7 +45,7 @@ import scipy.sparse as sp
 
 from coopsgd.core import mixing, spectral, topology
 from coopsgd.core.operator import DENSE_LIMIT, MixingMatrix
-from coopsgd.core.validate import require_int
+from coopsgd.core.validate import INT32_MAX, INT32_RULE, require_int
 
 __all__ = [
     "AdaptivePeriod",
@@ -87,7 +87,7 @@ class PeriodSchedule:
 
     def tau(self, state, start: int, index: int) -> int:
         """The period of round ``index``, which starts at step ``start``."""
-        return require_int(f"period at step {start}", self._tau_fn(start), 1)
+        return require_int(f"period at step {start}", self._tau_fn(start), 1, INT32_MAX, rule=INT32_RULE)
 
     def begin(self, state, start: int, index: int):
         """``(τ, state)`` when round ``index`` starts at ``start``: the period it gets and the state
@@ -209,7 +209,8 @@ def constant(tau: int) -> PeriodSchedule:
 def piecewise(segments: Sequence[tuple[int, int]]) -> PeriodSchedule:
     """Periods that change at given steps: ``[(0, 8), (1000, 2)]`` uses τ = 8 for rounds starting
     before step 1000 and τ = 2 after (a round keeps the τ of the step it starts at)."""
-    segments = [(require_int("segment start", s, 0), require_int("segment tau", t, 1)) for s, t in segments]
+    segments = [(require_int("segment start", s, 0, INT32_MAX, rule=INT32_RULE),
+                 require_int("segment tau", t, 1, INT32_MAX, rule=INT32_RULE)) for s, t in segments]
     if not segments or segments[0][0] != 0:
         raise ValueError(f"piecewise periods must start at step 0, got segments {segments}")
     starts = [s for s, _ in segments]

@@ -26,7 +26,7 @@ import optax
 
 from coopsgd.core.algorithm import Algorithm
 from coopsgd.core.communication import Communication
-from coopsgd.core.validate import require_int
+from coopsgd.core.validate import require_int, require_real_dtype
 from coopsgd.parallel import backends as _backends
 from coopsgd.parallel import engine as _engine
 from coopsgd.parallel.backends import BackendName
@@ -277,7 +277,20 @@ class CooperativeSGD:
         if sig in self._checked_batches:
             return
         single = jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape)[2:], x.dtype), batches)
-        check_loss(self.loss_fn, params_spec, single, has_aux=self.has_aux, with_rng=self.with_rng)
+        dtypes = []
+
+        def recording(*args):  # the same trace, noting the loss's dtype for the check below
+            out = self.loss_fn(*args)
+            try:
+                dtypes.append(jnp.result_type(out[0] if self.has_aux and isinstance(out, tuple) else out))
+            except TypeError:  # not an array: check_loss names it
+                pass
+            return out
+
+        check_loss(recording, params_spec, single, has_aux=self.has_aux, with_rng=self.with_rng)
+        if dtypes:  # jax.grad needs a real floating loss
+            require_real_dtype("loss_fn's output", dtypes[0], what="a real floating scalar (jax.grad needs one)",
+                               fix="return a float loss (e.g. jnp.mean over float arrays; jnp.abs of a complex value)")
         self._checked_batches.add(sig)
 
     def _call(self, state: EngineState, batches, rounds: int, length: int, r0: int, mixes: bool):

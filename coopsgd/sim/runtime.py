@@ -26,7 +26,7 @@ from collections.abc import Callable
 import numpy as np
 
 from coopsgd.core.communication import Communication
-from coopsgd.core.validate import require_number
+from coopsgd.core.validate import require_memory, require_number
 
 __all__ = [
     "COMPUTE_MODELS",
@@ -147,7 +147,11 @@ class CommDelay:
     def delay(self, traffic: Communication, rng: np.random.Generator) -> float:
         if traffic.kind == "none":
             return 0.0
-        return float(self._fn(traffic, rng))
+        d = float(self._fn(traffic, rng))
+        if not (np.isfinite(d) and d >= 0):
+            raise ValueError(f"a mixing sending {traffic.bytes_per_worker:g} bytes per worker takes {d!r} s "
+                             f"under {self.description}; a delay must be finite and >= 0")
+        return d
 
     def __repr__(self) -> str:
         return f"CommDelay({self.description})"
@@ -173,6 +177,9 @@ def network(latency: float, bandwidth: float) -> CommDelay:
     """
     a = _positive("latency", latency, allow_zero=True)
     b = _positive("bandwidth", bandwidth)
+    if not np.isfinite(1.0 / b):
+        raise ValueError(f"bandwidth must be large enough for a byte to take a finite time, got "
+                         f"{bandwidth!r} B/s")
     return CommDelay(
         lambda t, rng: t.messages * a + t.bytes_per_worker / b,
         f"network latency {a:g} s, bandwidth {b:g} B/s",
@@ -202,7 +209,13 @@ class RuntimeModel:
         self.seed = int(seed)
 
     def step_times(self, start: int, count: int, m: int) -> np.ndarray:
-        """``Y`` for steps ``start … start+count−1``: shape ``(count, m)``."""
+        """``Y`` for steps ``start … start+count−1``: shape ``(count, m)``.
+
+        Raises:
+            ValueError: if the draws (and the clock's sums over them) would not fit in memory.
+        """
+        require_memory(f"timing {count} steps on {m} workers", 3.0 * 8.0 * count * m,
+                       "use a shorter period tau (a round is timed whole) or fewer workers")
         return np.stack(
             [self.compute.sample(np.random.default_rng([self.seed, 0, start + k]), (m,)) for k in range(count)]
         ) if count else np.zeros((0, m))
@@ -260,10 +273,15 @@ class Clock:
         if steps < 1:
             raise ValueError(f"a round needs at least one step, got {steps}")
         y = self.model.step_times(start, steps, self.m)
-        stamps = self.time + np.max(np.cumsum(y, axis=0), axis=1)
+        with np.errstate(over="ignore"):  # an overflow is refused below
+            stamps = self.time + np.max(np.cumsum(y, axis=0), axis=1)
         compute_end = stamps[-1]
         d = 0.0 if traffic is None else self.model.comm_time(
             start if round_index is None else round_index, traffic)
+        if not np.isfinite(max(compute_end, self.pending) + d):
+            raise ValueError(f"the simulated time overflows (inf) by step {start + steps - 1}: the times of "
+                             f"{self.model.compute.description} and {self.model.comm.description} are too "
+                             "large to add up")
         if traffic is None:
             self.time = compute_end
         elif overlap:

@@ -80,11 +80,14 @@ def _algorithms(args) -> list[str]:
     from coopsgd.app import registry
 
     valid = registry.names()
-    if not args.algorithms:
+    if args.algorithms is None:
         return valid
-    names = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    if not names:
+    names = [a.strip() for a in args.algorithms.split(",")]
+    if not any(names):
         raise CommandError(f"--algorithms is empty; valid algorithms: {', '.join(valid)}")
+    if not all(names):
+        raise CommandError(f"--algorithms {args.algorithms!r} has an empty name (two commas or a comma at "
+                           "an end); list names as a,b,c")
     unknown = [a for a in names if a not in valid]
     if unknown:
         raise CommandError(f"unknown algorithm {unknown[0]!r}; valid algorithms: {', '.join(valid)}")
@@ -103,7 +106,8 @@ def run(args) -> int:
     configs = [config.make_config(base, {"algorithm": a}) for a in names]
     dataset = data_mod.load(base["data"], base["test_fraction"], base["seed"])
     data_mod.split(dataset.y_train, base["workers"], base["split"], base["dirichlet_alpha"], base["seed"])
-    models.make(base["model"], dataset.input_shape, max(dataset.num_classes, 2))
+    model = models.make(base["model"], dataset.input_shape, max(dataset.num_classes, 2))
+    config.check_fits(base, model, dataset.x_train[0].nbytes)
     for cfg in configs:  # every name and range checked before anything is written
         registry.build(cfg)
     out = results.prepare_out(base["out"])

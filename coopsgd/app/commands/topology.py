@@ -7,13 +7,27 @@ Joshi, Cooperative SGD, Assumption 4) and the spectral gap 1 − ζ; optionally 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 
 from coopsgd.app.commands import CommandError, check_png_path
 from coopsgd.core import mixing, spectral, topology
+from coopsgd.core.operator import DENSE_LIMIT
+from coopsgd.core.validate import INT32_MAX, format_bytes, require_int, require_memory
 
-__all__ = ["register", "run", "summary"]
+__all__ = ["DRAW_EDGES", "DRAW_NODES", "MAX_EDGES", "edge_count", "register", "run", "summary"]
+
+GRAPH_BYTES = 400
+"""Bytes per node and per edge of the graph and its W while they are built (networkx dictionaries,
+the sparse W and its temporaries; measured on rings, exponential and complete graphs)."""
+
+MAX_EDGES = 5_000_000
+"""Most edges the command builds (networkx and the weight rules take a few µs per edge)."""
+
+DRAW_NODES, DRAW_EDGES = 2000, 20000
+"""Most nodes and edges ``--draw`` takes: one matplotlib artist each (about 10 s at the limit),
+and the drawing reads W densely; beyond, the picture is unreadable anyway."""
 
 
 def register(subparsers) -> None:
@@ -31,6 +45,38 @@ def register(subparsers) -> None:
     p.add_argument("--draw", metavar="PNG", help="save a drawing of the graph (edge width ~ weight)")
     p.add_argument("--matrix", action="store_true", help="also print W itself")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def edge_count(name: str, n: int) -> int:
+    """Edges of the named topology on ``n`` nodes (an upper bound for ``exponential``), without
+    building it."""
+    log = max(1, math.ceil(math.log2(n))) if n > 1 else 0
+    return {"ring": n if n >= 3 else n - 1, "path": n - 1, "torus": 2 * n, "hypercube": n * log // 2,
+            "star": n - 1, "complete": n * (n - 1) // 2, "exponential": n * log}[name]
+
+
+def _check_size(args) -> None:
+    """The graph, ``--matrix`` and ``--draw`` must fit in memory and finish, checked before any work."""
+    if args.nodes < 1:
+        raise CommandError(f"--nodes must be >= 1, got {args.nodes}")
+    n = require_int("--nodes", args.nodes, 1, INT32_MAX, rule="node numbers are int32")
+    if args.name not in topology.TOPOLOGIES:
+        raise CommandError(f"unknown topology {args.name!r}; valid names: {', '.join(topology.TOPOLOGIES)}")
+    edges = edge_count(args.name, n)
+    what = f"topology {args.name} --nodes {n}"
+    if edges > MAX_EDGES:
+        raise CommandError(f"{what} has {edges} edges, more than the {MAX_EDGES} this command builds (networkx "
+                           "takes a few microseconds and about 400 bytes per edge); use fewer nodes")
+    require_memory(f"{what} ({edges} edges)", GRAPH_BYTES * (n + edges), "use fewer nodes")
+    dense = f"a dense {n} x {n} W ({format_bytes(8.0 * n * n)})"
+    if args.draw and (n > DRAW_NODES or edges > DRAW_EDGES):
+        raise CommandError(f"{what} --draw would need {dense} and one line for each of {edges} edges; --draw "
+                           f"takes at most {DRAW_NODES} nodes and {DRAW_EDGES} edges")
+    if args.matrix:
+        if n > DENSE_LIMIT:
+            raise CommandError(f"{what} --matrix would print {dense}; --matrix takes at most {DENSE_LIMIT} nodes")
+        require_memory(f"{what} --matrix ({dense}{', as JSON text' if args.json else ''})",
+                       (64.0 if args.json else 16.0) * n * n, "use fewer nodes or leave out --matrix")
 
 
 def summary(name: str, nodes: int, weights: str = "metropolis"):
@@ -63,15 +109,14 @@ def summary(name: str, nodes: int, weights: str = "metropolis"):
 
 
 def run(args) -> int:
-    if args.nodes < 1:
-        raise CommandError(f"--nodes must be >= 1, got {args.nodes}")
+    _check_size(args)
     if args.draw:
         check_png_path("--draw", args.draw)
     graph, w, facts = summary(args.name, args.nodes, args.weights)
     if args.draw:
         from coopsgd.app.plotting import plot_topology
 
-        plot_topology(graph, w, args.draw,
+        plot_topology(graph, w, args.draw, name=args.name,
                       title=f"{args.name}, n = {args.nodes}, {args.weights}: ζ = {facts['zeta']:.4f}")
         facts["drawing"] = args.draw
     if args.json:

@@ -83,20 +83,17 @@ def _topology_names():
 
 def make_algorithm(name: str, m: int, tau: int, *, topology: str | None = None,
                    weights: str | None = None, alpha: float | None = None, budget: float | None = None,
-                   seed: int = 0):
-    """The named algorithm from the registry with m workers and period τ; the keys left None
-    take the configuration's defaults (``coopsgd.app.config.DEFAULTS``), as in compare and train."""
+                   seed: int = 0, steps: int | None = None):
+    """The named algorithm from the registry with m workers and period τ (at most ``steps``, when
+    given); the keys left None take the configuration's defaults (``coopsgd.app.config.DEFAULTS``),
+    as in compare and train."""
     from coopsgd.app import config
 
     _valid("algorithm", name, registry.names(theory=True))
-    entry = registry.get(name)
     if topology is not None:
         _valid("topology", topology, _topology_names())  # a bad name is still bad input
-    if entry.period == "one" and tau != 1:
-        periodic = [n for n in registry.names(theory=True) if registry.get(n).period == "tau"]
-        raise CommandError(f"{name} has tau = 1 by definition, got --tau {tau}; for tau > 1 use one of "
-                           f"{', '.join(periodic)}")
-    given = {"topology": topology, "weights": weights, "mixing_alpha": alpha, "budget": budget}
+    config.require_tau_applies(name, tau, registry.names(theory=True))
+    given = {"topology": topology, "weights": weights, "mixing_alpha": alpha, "budget": budget, "steps": steps}
     cfg = config.make_config({"algorithm": name, "workers": m, "tau": tau, "seed": seed},
                              {k: v for k, v in given.items() if v is not None})
     return registry.build(cfg)[0]
@@ -158,7 +155,8 @@ def run(args) -> int:
             for tau in taus:
                 try:
                     algo = make_algorithm(args.algorithm, m, tau, topology=topo_name, weights=args.weights,
-                                          alpha=args.alpha, budget=args.budget, seed=args.seed)
+                                          alpha=args.alpha, budget=args.budget, seed=args.seed,
+                                          steps=args.steps)
                 except ValueError as err:
                     raise CommandError(str(err)) from None
                 label = args.algorithm + (f"/{topo_name}" if topo_name else "")
