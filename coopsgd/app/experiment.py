@@ -10,8 +10,9 @@ from one round hook of the trainer, with no training loop of its own.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -214,7 +215,8 @@ def _evaluator(model, m: int):
 
 
 def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool = False,
-        checkpoint_dir=None, checkpoint_every: int = 0, resume=None, stop_at: int | None = None) -> RunResult:
+        checkpoint_dir=None, checkpoint_every: int = 0, resume=None, stop_at: int | None = None,
+        note: Callable[[str], None] | None = None) -> RunResult:
     """Train the configured run and return its :class:`RunResult`.
 
     Args:
@@ -224,8 +226,13 @@ def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool =
         progress: show a tqdm progress bar (loss, steps/s) on stderr.
         checkpoint_dir: where :mod:`coopsgd.app.checkpoint` saves, every ``checkpoint_every`` steps
             and at the end.
-        resume: a checkpoint folder to continue from (its latest complete checkpoint).
+        resume: a checkpoint folder to continue from (its latest readable checkpoint).
         stop_at: stop after this many steps (for tests of resumption; the history is partial).
+        note: called with one line when resuming skips an unreadable checkpoint (default: a warning).
+
+    A checkpoint that cannot be saved (a full disk) stops the run with ValueError, the earlier
+    checkpoints intact; a checkpoint folder this run created and left empty (it failed before its
+    first save) is removed.
 
     The trainer calls one hook on a grid fixed by the configuration alone: with a constant period τ
     every *block* of ``τ · max(1, round(eval_every / τ))`` steps (whole rounds, fused into one
@@ -246,21 +253,26 @@ def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool =
     r = _Run(cfg, dataset, name)
     steps = cfg["steps"]
     if resume is not None:
-        reader = ckpt.Checkpointer(ckpt.find(resume))
+        reader = ckpt.Checkpointer(ckpt.find(resume), note=note, read_only=True)
         try:
             state, host = reader.restore(r.state, schedule=r.period)
         finally:
             reader.close()
-        check_resume(cfg, host["config"])
-        if int(state.step) > steps:
-            raise ValueError(f"cannot resume: the checkpoint is at step {int(state.step)}, past steps = {steps}")
-        r.state = state
-        r.restore_host(host)
+        try:
+            check_resume(cfg, host["config"])
+            if int(state.step) > steps:
+                raise ValueError(f"cannot resume: the checkpoint is at step {int(state.step)}, past steps = {steps}")
+            r.state = state
+            r.restore_host(host)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"cannot resume from {reader.directory!r}: the checkpoint's host data lacks "
+                             f"{err}") from None
     elif checkpoint_dir and ckpt.latest_step(checkpoint_dir) is not None:
         raise ValueError(
             f"checkpoint folder {checkpoint_dir!r} already holds another run's checkpoints (up to step "
             f"{ckpt.latest_step(checkpoint_dir)}); continue it with --resume or choose another --out"
         )
+    made = bool(checkpoint_dir) and not os.path.isdir(checkpoint_dir)
     saver = ckpt.Checkpointer(checkpoint_dir) if checkpoint_dir else None
     if int(r.state.step) == 0 and not r.history["step"]:
         r.evaluate(batch_loss=None, consensus=0.0)
@@ -282,6 +294,8 @@ def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool =
             bar.close()
         if saver is not None:
             saver.close()
+            if made and not os.listdir(checkpoint_dir):
+                os.rmdir(checkpoint_dir)
     result = RunResult(name=r.name, config=dict(cfg), summary=_summary(r), history=r.history)
     result.state, result.trainer, result.model = r.state, r.trainer, r.model
     return result

@@ -1,15 +1,21 @@
 """A run's result files and table: ``results.json``, ``results.csv``, ``history.csv`` and the PNG
-figures, written atomically; the comparison table printed by ``compare`` and ``train``."""
+figures, written as one set, all or nothing, by one run at a time per folder; the comparison table
+printed by ``compare`` and ``train``."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import io
 import os
+from collections.abc import Callable
 
-from coopsgd.app.files import atomic_write, to_json, writable_folder
+from coopsgd.app import files
+from coopsgd.app.files import to_json
 
-__all__ = ["HISTORY_KEYS", "SUMMARY_COLUMNS", "format_table", "prepare_out", "write_results"]
+__all__ = ["HISTORY_KEYS", "SET_BYTES", "SUMMARY_COLUMNS", "format_table", "output_folder", "prepare_out",
+           "result_files", "write_results"]
 
 HISTORY_KEYS = ("step", "time", "loss", "batch_loss", "consensus", "test_accuracy", "tau")
 """Columns of a run's history, one row per evaluation (step 0, then after each block that crosses a
@@ -20,20 +26,65 @@ of the model ``X π`` the mixing preserves (the column average for a doubly stoc
 the period in force."""
 
 
+SET_BYTES = 256 * 1024
+"""Free space the output folder is probed for before a run: about what a result set of a few runs
+takes (three PNG figures of some 40 kB each, the tables)."""
+
+
+def result_files() -> tuple[str, ...]:
+    """The names of a result set: ``results.json``, ``results.csv``, ``history.csv`` and the figures."""
+    from coopsgd.app import plotting
+
+    return ("results.json", "results.csv", "history.csv", *plotting.RUN_FIGURES)
+
 
 def prepare_out(path) -> str:
-    """Check that the results folder ``path`` can be created or written, without creating it (so
-    a run that fails leaves nothing behind); :func:`write_results` creates it. Raises ValueError
-    naming the folder if not."""
-    return writable_folder(path)
+    """Check, before any work, that a result set can be written into ``path``, and leave it as it
+    was: the folder is created if missing (and removed again), refused while another run holds it,
+    tidied of what killed runs left (:func:`coopsgd.app.files.clean_orphans`), and probed by
+    creating and removing the real files. Raises ValueError naming the path if not.
+
+    :func:`output_folder` does the same and holds the folder for a whole run."""
+    created = files.make_folder(path)
+    try:
+        with files.FolderLock(path, what="output folder"):
+            files.clean_orphans(path)
+            files.probe_folder(path, result_files(), reserve=SET_BYTES)
+    finally:
+        files.remove_folders(created)
+    return os.fspath(path)
 
 
-def _atomic_write(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
+@contextlib.contextmanager
+def output_folder(path, note: Callable[[str], None] | None = None):
+    """Hold the results folder ``path`` for a run's whole life: create it, take its lock (another
+    run into it is refused with ValueError while this one lives; ``note`` hears of a lock taken over
+    from a killed run), tidy orphans, probe the real files, and yield the path. On leaving, the lock
+    is released, and a folder this created is removed if the run left nothing in it.
+
+    Example::
+
+        with output_folder("runs/x") as out:
+            result = experiment.run(cfg)
+            write_results([result], out)
+    """
+    path = os.fspath(path)
+    created = files.make_folder(path)
+    try:
+        with files.FolderLock(path, note=note, what="output folder"):
+            files.clean_orphans(path)
+            files.probe_folder(path, result_files(), reserve=SET_BYTES)
+            yield path
+    finally:
+        files.remove_folders(created)
+
+
+def _text(text: str) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        with open(path, "w", newline="") as f:
             f.write(text)
 
-    atomic_write(path, write)
+    return write
 
 
 SUMMARY_COLUMNS = ("name", "final_train_loss", "test_accuracy", "comm_rounds", "bytes_communicated",
@@ -42,38 +93,44 @@ SUMMARY_COLUMNS = ("name", "final_train_loss", "test_accuracy", "comm_rounds", "
 
 def write_results(results: list, out: str, title: str = "") -> list[str]:
     """Write ``results.json``, ``results.csv`` (one row per run), ``history.csv`` (one row per
-    evaluation) and the PNG figures into ``out``; returns the paths written."""
+    evaluation) and the PNG figures into ``out``, all or nothing (:func:`coopsgd.app.files.write_set`:
+    a failure leaves the folder's earlier set as it was); returns the paths written.
+
+    Raises:
+        ValueError: another run holds ``out``, or a file cannot be written (naming it and why).
+    """
     from coopsgd.app import plotting
 
-    os.makedirs(out, exist_ok=True)
     payload = {"runs": [{"name": r["name"], "config": r["config"], "summary": r["summary"],
                          "history": r["history"]} for r in results]}
-    paths = []
-    p = os.path.join(out, "results.json")
-    _atomic_write(p, to_json(payload, indent=1) + "\n")
-    paths.append(p)
-    buf = io.StringIO()
-    w = csv.writer(buf)
+    summary = io.StringIO()
+    w = csv.writer(summary)
     w.writerow(SUMMARY_COLUMNS)
     for r in results:
         s = {**r["summary"], "name": r["name"]}
         w.writerow([s.get(c) for c in SUMMARY_COLUMNS])
-    p = os.path.join(out, "results.csv")
-    _atomic_write(p, buf.getvalue())
-    paths.append(p)
-    buf = io.StringIO()
-    w = csv.writer(buf)
+    history = io.StringIO()
+    w = csv.writer(history)
     w.writerow(("name",) + HISTORY_KEYS)
     for r in results:
         h = r["history"]
         for i in range(len(h["step"])):
             w.writerow([r["name"]] + [h[k][i] for k in HISTORY_KEYS])
-    p = os.path.join(out, "history.csv")
-    _atomic_write(p, buf.getvalue())
-    paths.append(p)
+    writers = {"results.json": _text(to_json(payload, indent=1) + "\n"),
+               "results.csv": _text(summary.getvalue()),
+               "history.csv": _text(history.getvalue())}
     histories = {r["name"]: r["history"] for r in results}
-    paths += plotting.plot_run_figures(histories, out, title=title)
-    return paths
+    for name, (x, y, xl, yl) in plotting.RUN_FIGURES.items():
+        writers[name] = functools.partial(plotting.plot_curves, histories, x, y, xlabel=xl, ylabel=yl,
+                                          title=title or None)
+    created = files.make_folder(out)
+    try:
+        with files.FolderLock(out, what="output folder"):
+            files.clean_orphans(out)
+            return files.write_set(out, writers)
+    except BaseException:
+        files.remove_folders(created)
+        raise
 
 
 def _human_bytes(b: float) -> str:

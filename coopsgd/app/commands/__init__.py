@@ -8,7 +8,7 @@ broken module breaks its own command and no other.
 
 from __future__ import annotations
 
-__all__ = ["COMMANDS", "CommandError", "check_png_path"]
+__all__ = ["COMMANDS", "CommandError", "check_png_path", "warnings_printer"]
 
 COMMANDS: dict[str, str] = {
     "compare": "train several algorithms on the same data and compare loss, accuracy, communication and time",
@@ -38,3 +38,17 @@ def check_png_path(option: str, path: str) -> None:
         writable_folder(folder, f"{option} folder")
     except ValueError as err:
         raise CommandError(str(err)) from None
+
+
+def warnings_printer():
+    """``note(message)``: one line ``coopsgd: warning: …`` on stderr per distinct message."""
+    import sys
+
+    said = set()
+
+    def note(message: str) -> None:
+        if message not in said:
+            said.add(message)
+            print(" ".join(f"coopsgd: warning: {message}".split()), file=sys.stderr, flush=True)
+
+    return note

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from coopsgd.app.commands import CommandError
+from coopsgd.app.commands import CommandError, warnings_printer
 
 __all__ = ["DEFAULT_OUT", "QUICK", "register", "run"]
 
@@ -110,24 +110,26 @@ def run(args) -> int:
     config.check_fits(base, model, dataset.x_train[0].nbytes)
     for cfg in configs:  # every name and range checked before anything is written
         registry.build(cfg)
-    out = results.prepare_out(base["out"])
-    split = base["split"] if base["split"] == "iid" else f"dirichlet alpha={base['dirichlet_alpha']:g}"
-    print(f"coopsgd compare: {base['model']} on {dataset.name} ({len(dataset.y_train)} train / "
-          f"{len(dataset.y_test)} test), m = {base['workers']} workers ({split}), {base['steps']} steps, "
-          f"tau = {base['tau']}, topology {base['topology']}", flush=True)
-    progress = not args.no_progress and sys.stderr.isatty()
-    runs = []
-    t0 = time.perf_counter()
-    for cfg in configs:
-        runs.append(ex.run(cfg, dataset=dataset, progress=progress))
-        if not progress:
-            s = runs[-1]["summary"]
-            print(f"  {cfg['algorithm']:<24} loss {s['final_train_loss']:.4f}  ({s['real_time']:.1f} s)",
-                  file=sys.stderr, flush=True)
-    title = f"{base['model']} on {dataset.name}, m = {base['workers']}, {split}"
-    paths = results.write_results(runs, out, title=title)
-    print()
-    print(results.format_table(runs))
-    print(f"\ntotal real time {time.perf_counter() - t0:.1f} s; wrote "
-          f"{', '.join(os.path.basename(p) for p in paths)} to {out}")
+    # The folder is locked for the whole run, its result files probed before training, and the
+    # results written all or nothing.
+    with results.output_folder(base["out"], note=warnings_printer()) as out:
+        split = base["split"] if base["split"] == "iid" else f"dirichlet alpha={base['dirichlet_alpha']:g}"
+        print(f"coopsgd compare: {base['model']} on {dataset.name} ({len(dataset.y_train)} train / "
+              f"{len(dataset.y_test)} test), m = {base['workers']} workers ({split}), {base['steps']} steps, "
+              f"tau = {base['tau']}, topology {base['topology']}", flush=True)
+        progress = not args.no_progress and sys.stderr.isatty()
+        runs = []
+        t0 = time.perf_counter()
+        for cfg in configs:
+            runs.append(ex.run(cfg, dataset=dataset, progress=progress))
+            if not progress:
+                s = runs[-1]["summary"]
+                print(f"  {cfg['algorithm']:<24} loss {s['final_train_loss']:.4f}  ({s['real_time']:.1f} s)",
+                      file=sys.stderr, flush=True)
+        title = f"{base['model']} on {dataset.name}, m = {base['workers']}, {split}"
+        paths = results.write_results(runs, out, title=title)
+        print()
+        print(results.format_table(runs))
+        print(f"\ntotal real time {time.perf_counter() - t0:.1f} s; wrote "
+              f"{', '.join(os.path.basename(p) for p in paths)} to {out}")
     return 0

@@ -24,8 +24,9 @@ Keys (every one optional; see ``coopsgd.app.config.DEFAULTS`` and docs/cli.md)::
     bandwidth = 2e6
 
 Writes ``results.json``, ``results.csv``, ``history.csv`` and three PNG plots into the output
-folder; with ``--checkpoint-every N`` also ``checkpoints/`` (orbax), from which ``--resume``
-continues.
+folder, all or nothing; with ``--checkpoint-every N`` also ``checkpoints/`` (orbax), from which
+``--resume`` continues (from the previous checkpoint if the latest is damaged). The folder is
+locked for the whole run: a second run into it is refused while the first lives.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from __future__ import annotations
 import os
 import sys
 
-from coopsgd.app.commands import CommandError
+from coopsgd.app.commands import CommandError, warnings_printer
 
 __all__ = ["build_config", "register", "run"]
 
@@ -77,28 +78,31 @@ def build_config(config_path, overrides, out=None, data=None, base=None) -> dict
     if data is not None:
         tail["data"] = data
     layers.append(tail)
-    return config.make_config(*layers)
+    return config.make_config(*layers, strict=True)
 
 
 def run(args) -> int:
     from coopsgd.app import checkpoint as ckpt
+    from coopsgd.app import config, models, registry, results
     from coopsgd.app import data as data_mod
     from coopsgd.app import experiment as ex
-    from coopsgd.app import models, registry, results
 
     if args.checkpoint_every < 0:
         raise CommandError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     if not args.config and not args.resume:
         raise CommandError("train needs --config run.toml (or --resume DIR to continue a run)")
+    note = warnings_printer()
     base = None
     resume_dir = None
     if args.resume:
         resume_dir = ckpt.find(args.resume)
-        reader = ckpt.Checkpointer(resume_dir)
+        reader = ckpt.Checkpointer(resume_dir, note=lambda msg: None, read_only=True)  # ex.run reports it
         try:
-            base = reader.read_host()["config"]
+            base = reader.read_host().get("config")
         finally:
             reader.close()
+        if not isinstance(base, dict):
+            raise CommandError(f"the checkpoint in {resume_dir!r} holds no run configuration")
         if args.out is None and not any(o.split("=", 1)[0].strip() == "out" for o in args.overrides):
             # Continue in the run's own folder unless told otherwise.
             parent = os.path.dirname(resume_dir)
@@ -106,14 +110,18 @@ def run(args) -> int:
     cfg = build_config(args.config, args.overrides, args.out, args.data, base)
     dataset = data_mod.load(cfg["data"], cfg["test_fraction"], cfg["seed"])
     data_mod.split(dataset.y_train, cfg["workers"], cfg["split"], cfg["dirichlet_alpha"], cfg["seed"])
-    models.make(cfg["model"], dataset.input_shape, max(dataset.num_classes, 2))
+    model = models.make(cfg["model"], dataset.input_shape, max(dataset.num_classes, 2))
+    config.check_fits(cfg, model, dataset.x_train[0].nbytes)
     registry.build(cfg)  # names and ranges checked before anything is written
-    out = results.prepare_out(cfg["out"])
-    checkpoint_dir = os.path.join(out, "checkpoints") if (args.checkpoint_every or args.resume) else None
-    result = ex.run(cfg, dataset=dataset, progress=not args.no_progress and sys.stderr.isatty(),
-                    checkpoint_dir=checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                    resume=resume_dir)
-    paths = results.write_results([result], out, title=f"{cfg['algorithm']} on {dataset.name}, m = {cfg['workers']}")
-    print(results.format_table([result]))
+    # The folder is locked for the whole run, its result files probed before training, and the
+    # results written all or nothing.
+    with results.output_folder(cfg["out"], note=note) as out:
+        checkpoint_dir = os.path.join(out, "checkpoints") if (args.checkpoint_every or args.resume) else None
+        result = ex.run(cfg, dataset=dataset, progress=not args.no_progress and sys.stderr.isatty(),
+                        checkpoint_dir=checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                        resume=resume_dir, note=note)
+        print(results.format_table([result]), flush=True)
+        paths = results.write_results([result], out,
+                                      title=f"{cfg['algorithm']} on {dataset.name}, m = {cfg['workers']}")
     print(f"\nwrote {', '.join(os.path.basename(p) for p in paths)} to {out}")
     return 0
