@@ -40,7 +40,7 @@ class TestConfig:
             ({"workers": -2}, "workers must be an integer >= 1"),
             ({"workers": 2.5}, "workers must be an integer"),
             ({"optimizer.lr": 0}, "optimizer.lr must be > 0"),
-            ({"optimizer.name": "lion"}, "valid: sgd, momentum, nesterov, adam"),
+            ({"optimizer.name": "rmsprop"}, "valid: sgd, momentum, nesterov, adam, adamw, lion"),
             ({"test_fraction": 1.0}, r"test_fraction must lie in \[0, 1\)"),
             ({"runtime.latency": -1.0}, "runtime.latency must be >= 0"),
         ],
@@ -197,3 +197,23 @@ class TestOutput:
         f.write_text("x")
         with pytest.raises(ValueError, match="cannot create output folder"):
             results.prepare_out(f / "sub")
+
+
+@pytest.mark.parametrize("name, decay", [("adamw", 0.1), ("lion", 0.05), ("momentum", 0.01)])
+def test_optimizers_by_their_optax_names(name, decay):
+    """One update of the configuration's optimizer equals optax's own, weight decay included."""
+    import jax.numpy as jnp
+    import optax
+
+    cfg = config.make_config({"optimizer.name": name, "optimizer.weight_decay": decay, "optimizer.lr": 0.05})
+    tx = config.build_optimizer(cfg)
+    p, g = jnp.array([1.0, -2.0, 0.5]), jnp.array([0.3, 0.1, -0.2])
+    got, _ = tx.update(g, tx.init(p), p)
+    if name == "momentum":  # first heavy-ball step on the L2-regularised gradient: −η (g + λ p)
+        want = -0.05 * (np.asarray(g) + decay * np.asarray(p))
+    else:
+        expected = {"adamw": optax.adamw, "lion": optax.lion}[name](0.05, weight_decay=decay)
+        want, _ = expected.update(g, expected.init(p), p)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown optimizer.name 'adamax'; valid: sgd, momentum, nesterov, adam, adamw, lion"):
+        config.make_config({"optimizer.name": "adamax"})

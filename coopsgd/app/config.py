@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 
 import numpy as np
+import optax
 
 from coopsgd.algorithms import compression
 from coopsgd.app import registry
@@ -72,6 +73,7 @@ DEFAULTS: dict[str, object] = {
     "optimizer.name": "sgd",
     "optimizer.lr": 0.1,
     "optimizer.momentum": 0.9,
+    "optimizer.weight_decay": 0.0,  # adamw's and lion's decoupled decay; L2 for the SGD family
     "optimizer.schedule": "constant",
     "optimizer.warmup_steps": 0,
     "optimizer.decay_factor": 0.1,
@@ -92,7 +94,7 @@ _CHOICES = {
     "backend": BACKENDS,
     "split": ("iid", "dirichlet"),
     "model": ("mlp", "cnn"),
-    "optimizer.name": ("sgd", "momentum", "nesterov", "adam"),
+    "optimizer.name": ("sgd", "momentum", "nesterov", "adam", "adamw", "lion"),
     "optimizer.schedule": ("constant", "cosine", "step", "warmup_cosine"),
     "runtime.compute": ("constant", "exponential", "shifted_exponential"),
     "runtime.comm": ("network", "constant", "random"),
@@ -103,6 +105,7 @@ _INTS = {"workers": 1, "steps": 1, "batch_size": 1, "seed": 0, "eval_every": 1,
 _POSITIVE = {"optimizer.lr", "dirichlet_alpha", "runtime.compute_time", "runtime.straggler_slowdown",
              "runtime.bandwidth", "adacomm_interval", "budget", "consensus_step", "outer.lr"}
 _NONNEG = {"runtime.compute_extra", "runtime.comm_time", "runtime.latency", "optimizer.momentum",
+           "optimizer.weight_decay",
            "runtime.straggler_prob", "optimizer.decay_factor", "outer.momentum"}
 _STRINGS = {"algorithm", "topology", "weights", "data", "out", "compressor"}
 
@@ -277,7 +280,37 @@ def make_config(*layers: Mapping, strict: bool = False) -> dict[str, object]:
     return cfg
 
 
-OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "nesterov": 1, "adam": 2}
+def _sgd(sched, cfg):
+    return optax.sgd(sched)
+
+
+def _momentum(sched, cfg):
+    return optax.sgd(sched, momentum=cfg["optimizer.momentum"])
+
+
+def _nesterov(sched, cfg):
+    return optax.sgd(sched, momentum=cfg["optimizer.momentum"], nesterov=True)
+
+
+def _adam(sched, cfg):
+    return optax.adam(sched)
+
+
+def _adamw(sched, cfg):
+    return optax.adamw(sched, weight_decay=cfg["optimizer.weight_decay"])
+
+
+def _lion(sched, cfg):
+    return optax.lion(sched, weight_decay=cfg["optimizer.weight_decay"])
+
+
+OPTIMIZERS = {"sgd": (_sgd, 0), "momentum": (_momentum, 1), "nesterov": (_nesterov, 1), "adam": (_adam, 2),
+              "adamw": (_adamw, 2), "lion": (_lion, 1)}
+"""The per-worker optimizers by their optax names: ``(build(schedule, cfg), model-sized buffers
+of its state)``. ``optimizer.weight_decay`` is AdamW's and Lion's decoupled weight decay; the SGD
+family adds it as ``optax.add_decayed_weights`` (L2) when it is above 0."""
+
+OPTIMIZER_SLOTS = {name: slots for name, (_, slots) in OPTIMIZERS.items()}
 """Model-sized buffers of each optimizer's state per worker."""
 
 
@@ -334,15 +367,11 @@ def build_optimizer(cfg: Mapping):
     """The per-worker optax optimizer."""
     import optax
 
-    sched = build_lr_schedule(cfg)
-    name = cfg["optimizer.name"]
-    if name == "sgd":
-        return optax.sgd(sched)
-    if name == "momentum":
-        return optax.sgd(sched, momentum=cfg["optimizer.momentum"])
-    if name == "nesterov":
-        return optax.sgd(sched, momentum=cfg["optimizer.momentum"], nesterov=True)
-    return optax.adam(sched)
+    name, decay = cfg["optimizer.name"], cfg["optimizer.weight_decay"]
+    tx = OPTIMIZERS[name][0](build_lr_schedule(cfg), cfg)
+    if decay and name in ("sgd", "momentum", "nesterov"):
+        return optax.chain(optax.add_decayed_weights(decay), tx)
+    return tx
 
 
 def build_runtime(cfg: Mapping):
