@@ -238,30 +238,24 @@ def outer_mixer(algorithm: Algorithm, devices: bool = False, *, tx: optax.Gradie
         g = jnp.broadcast_to(g.astype(x.dtype), x.shape)
         return g if alpha == 0 else (alpha * x + (1.0 - alpha) * g).astype(x.dtype)
 
-    def synchronise(columns, theta, outer, f, axis: WorkerAxis):
-        if fragments == 1:
-            return _outer_step(tx, theta, outer, jax.tree.map(axis.mean, columns))
-        flat_theta, unravel = ravel_pytree(theta)
-        lo, hi = _bounds(flat_theta.shape[0], fragments)[f]
-        flat_x = jax.vmap(lambda c: ravel_pytree(c)[0])(columns)
-        fragment, outer = _outer_step(tx, flat_theta[lo:hi], outer, axis.mean(flat_x[:, lo:hi]))
-        return unravel(flat_theta.at[lo:hi].set(fragment)), outer
-
-    def merge(columns, theta, f):
-        if fragments == 1:
-            return jax.tree.map(blend, columns, theta)
-        flat_theta, unravel = ravel_pytree(theta)
-        lo, hi = _bounds(flat_theta.shape[0], fragments)[f]
-        flat_x = jax.vmap(lambda c: ravel_pytree(c)[0])(columns)
-        return jax.vmap(unravel)(flat_x.at[:, lo:hi].set(blend(flat_x[:, lo:hi], flat_theta[lo:hi])))
-
     def apply(columns, state: MixerState, mix_round: MixRound, axis: WorkerAxis):
         part, f = mix_round.static
         theta, outer = state.shared["global"], list(state.shared["outer"])
+        if fragments == 1:
+            if part != "merge":
+                theta, outer[0] = _outer_step(tx, theta, outer[0], jax.tree.map(axis.mean, columns))
+            if part != "sync":
+                columns = jax.tree.map(blend, columns, theta)
+            return columns, MixerState(shared={"global": theta, "outer": tuple(outer)})
+        flat_theta, unravel = ravel_pytree(theta)  # the workers' models flattened once per round
+        lo, hi = _bounds(flat_theta.shape[0], fragments)[f]
+        flat_x = jax.vmap(lambda col: ravel_pytree(col)[0])(columns)
         if part != "merge":
-            theta, outer[f] = synchronise(columns, theta, outer[f], f, axis)
+            fragment, outer[f] = _outer_step(tx, flat_theta[lo:hi], outer[f], axis.mean(flat_x[:, lo:hi]))
+            flat_theta = flat_theta.at[lo:hi].set(fragment)
+            theta = unravel(flat_theta)
         if part != "sync":
-            columns = merge(columns, theta, f)
+            columns = jax.vmap(unravel)(flat_x.at[:, lo:hi].set(blend(flat_x[:, lo:hi], flat_theta[lo:hi])))
         return columns, MixerState(shared={"global": theta, "outer": tuple(outer)})
 
     def plan(r: int) -> MixRound:
