@@ -1,7 +1,9 @@
 """Cooperative SGD across processes: two local JAX processes × 2 CPU devices, ``jax.distributed``.
 
 Run ``python examples/multi_host.py`` (add ``--quick`` for a few steps). The launcher starts two
-copies of this script as workers on 127.0.0.1; each calls ``jax.distributed.initialize``, builds
+copies of this script as workers on 127.0.0.1; each joins the run with
+``coopsgd.parallel.cluster.join`` (``jax.distributed`` with a watch channel, so that a port taken,
+a process missing or a process dying ends with one line on every process), builds
 the same trainer with ``backend="shard_map"`` over the 4 global devices (m = 8 workers, two per
 device), and trains on the same global batches (every process passes the whole batch; each device
 reads its workers' rows). Process 0 writes the final columns to a file, and the launcher checks
@@ -24,9 +26,17 @@ import time
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port whose successor is free too (the coordinator and the watch channel)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
 
 
 def problem(m: int, steps: int):
@@ -58,26 +68,43 @@ def worker(args) -> None:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
     import jax
 
-    jax.distributed.initialize(coordinator_address=args.coordinator,
-                               num_processes=args.num_processes, process_id=args.process_id)
     import numpy as np
     import optax
 
     import coopsgd
+    from coopsgd.parallel import cluster
+
+    try:  # a port taken or a process missing: one line and exit code 2 on every process that came
+        run = cluster.join(args.coordinator, args.num_processes, args.process_id,
+                           join_timeout=args.join_timeout, peer_timeout=args.peer_timeout)
+    except ValueError as err:
+        print(f"coopsgd: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
     algorithms, loss, init, batches = problem(args.m, args.steps)
     out = {"process": jax.process_index(), "devices": jax.device_count(),
            "local_devices": jax.local_device_count()}
-    for name, algo in algorithms.items():
-        trainer = coopsgd.CooperativeSGD(algo, optax.sgd(0.05), loss, backend="shard_map")
-        state, metrics = trainer.run(trainer.init(init), batches, args.steps)
-        cols = trainer.columns(state)  # replicated on every process
-        out[name] = {"w": np.asarray(cols["w"]).tolist(), "b": np.asarray(cols["b"]).tolist(),
-                     "loss": np.asarray(metrics.loss).tolist()}
-    if jax.process_index() == 0:
-        with open(args.out, "w") as f:
-            json.dump(out, f)
-    jax.distributed.shutdown()
+    with run:  # a peer that dies or stops answering: one line on every survivor, exit code 1
+        for name, algo in algorithms.items():
+            trainer = coopsgd.CooperativeSGD(algo, optax.sgd(0.05), loss, backend="shard_map")
+            state, metrics = trainer.run(trainer.init(init), batches, args.steps, hooks=[die_at(args)])
+            cols = trainer.columns(state)  # replicated on every process
+            out[name] = {"w": np.asarray(cols["w"]).tolist(), "b": np.asarray(cols["b"]).tolist(),
+                         "loss": np.asarray(metrics.loss).tolist()}
+        if jax.process_index() == 0:
+            with open(args.out, "w") as f:
+                json.dump(out, f)
+
+
+def die_at(args):
+    """A round hook that kills this process at step ``--die-at`` (fault injection), and paces the
+    run by ``--round-sleep`` seconds a round so that a peer's death lands mid-run."""
+    def hook(end):
+        if args.die_at is not None and end.step >= args.die_at:
+            os._exit(9)
+        time.sleep(args.round_sleep)
+
+    return hook
 
 
 def launch(steps: int, m: int = 8, num_processes: int = 2, local_devices: int = 2,
@@ -131,7 +158,8 @@ def simulate(steps: int, m: int = 8) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps only")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true",
+                        help="run as one process of a multi-host run (what --quick launches for each process)")
     parser.add_argument("--process-id", type=int, default=0)
     parser.add_argument("--num-processes", type=int, default=2)
     parser.add_argument("--coordinator", default="127.0.0.1:12345")
@@ -139,6 +167,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--m", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", default="multi_host_result.json")
+    parser.add_argument("--join-timeout", type=float, default=60.0,
+                        help="seconds to wait for every process to arrive (default 60)")
+    parser.add_argument("--peer-timeout", type=float, default=10.0,
+                        help="seconds without a heartbeat before a process counts as lost (default 10)")
+    parser.add_argument("--die-at", type=int, default=None,
+                        help="fault injection: this process kills itself at this step (default: never)")
+    parser.add_argument("--round-sleep", type=float, default=0.0,
+                        help="seconds to sleep after each round (default 0), to pace a fault-injection run")
     args = parser.parse_args(argv)
     steps = args.steps or (4 if args.quick else 40)
     if args.worker:

@@ -49,6 +49,23 @@ class TestRoundTrip:
         assert int(back.step) == 5 and int(back.rounds) == 2
         assert back.period == state.period  # the current round's position, by value
 
+    def test_other_libraries_loggers_untouched(self, tmp_path):
+        # orbax is silenced only inside each operation; the process's absl logger keeps its level
+        import logging
+
+        absl = logging.getLogger("absl")
+        before = absl.level
+        absl.setLevel(logging.INFO)
+        try:
+            tr = _trainer()
+            c = ckpt.Checkpointer(tmp_path / "ck")
+            c.save(1, tr.init({"w": jnp.zeros(2)}), {})
+            c.restore(tr.init({"w": jnp.zeros(2)}))
+            c.close()
+            assert absl.level == logging.INFO
+        finally:
+            absl.setLevel(before)
+
     def test_find_and_errors(self, tmp_path):
         with pytest.raises(ValueError, match="no complete checkpoint"):
             ckpt.find(tmp_path)

@@ -42,7 +42,12 @@ BAD = [
     (["topology", "moebius", "-n", "4"], "unknown topology 'moebius'; valid names: ring, path, torus"),
     (["topology", "ring", "-n", "4", "--weights", "uniform"], "valid rules: metropolis, max_degree"),
     (["topology", "ring", "-n", "0"], "--nodes must be >= 1"),
-    (["topology", "torus", "-n", "8"], "torus needs n = k*k"),
+    (["topology", "torus", "-n", "8"], "torus needs n = rows*cols"),
+    (["topology", "torus", "-n", "14"], "rows, cols >= 3"),
+    (["topology", "torus", "--shape", "2x6"], "sides must be >= 3"),
+    (["topology", "torus", "--shape", "3x4", "-n", "13"], "disagrees with --shape"),
+    (["topology", "ring", "--shape", "3x4"], "torus only"),
+    (["topology", "ring"], "needs --nodes"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "choose a command: compare, train, topology, verify"),
     (["compare", "--algorithms", "local_sgd,sgdx"], "unknown algorithm 'sgdx'; valid algorithms: fully_sync"),
@@ -52,7 +57,6 @@ BAD = [
     (["compare", "--set", "bogus=1"], "unknown config key 'bogus'; valid keys:"),
     (["compare", "--workers", "5000"], "workers = 5000 exceeds the 1438 training examples"),
     (["compare", "--data", "/no/such/file.npz"], "data file '/no/such/file.npz' does not exist"),
-    (["train"], "train needs --config"),
     (["train", "--config", "/no/such/run.toml"], "config file '/no/such/run.toml' does not exist"),
     (["train", "--resume", "/no/such/dir"], "no complete checkpoint found"),
 ]
@@ -105,12 +109,16 @@ class TestFilesAndConfigErrors:
         assert code == 2 and "cannot create output folder" in err and err.count("\n") == 1
 
 
-def test_divergence_is_one_line_exit_1_and_writes_nothing(capsys, tmp_path):
+def test_divergence_is_one_line_exit_1_and_writes_no_results(capsys, tmp_path):
     out_dir = tmp_path / "div"
     code, _, err = _run(capsys, "compare", "--algorithms", "local_sgd", "--steps", "16", "--lr", "1e6",
                         "--no-progress", "--out", str(out_dir))
     assert code == 1 and err.count("\n") == 1 and "diverged" in err
-    assert not out_dir.exists()
+    assert sorted(p.name for p in out_dir.iterdir()) == ["metrics"]  # no result set; the record of the run stays
+    assert json.loads((out_dir / "metrics" / "local_sgd.jsonl").read_text().splitlines()[0])["step"] == 0
+    code, _, err = _run(capsys, "compare", "--algorithms", "local_sgd", "--steps", "16", "--lr", "1e6",
+                        "--no-progress", "--metrics", "none", "--out", str(tmp_path / "quiet"))
+    assert code == 1 and not (tmp_path / "quiet").exists()
 
 
 def test_compare_end_to_end(capsys, tmp_path):
@@ -199,7 +207,9 @@ class TestCheckpointSafety:
         assert _train(capsys, cfg, tmp_path / "c", "--checkpoint-every", "4")[0] == 0
         code, _, err = _run(capsys, "train", "--resume", str(tmp_path / "c"), "--set", "steps=16",
                             "--out", str(tmp_path / "c2"), "--no-progress")
-        assert code == 2 and "steps = 8 in the checkpoint but 16 now" in err
+        assert code == 2 and ("cannot resume with steps = 16: the checkpoint's run has steps = 8 and its "
+                              "optimizer.schedule = 'cosine' spreads the learning rate over steps") in err
+        assert "steps may change on resume only when nothing is stretched over the run" in err
         assert not (tmp_path / "c2").exists()  # a refused resume leaves no folder behind
         const = tmp_path / "const.toml"
         const.write_text('algorithm = "local_sgd"\nworkers = 2\ntau = 2\nsteps = 8\neval_every = 4\n')
@@ -208,3 +218,39 @@ class TestCheckpointSafety:
         assert code == 0, err
         run = json.loads((tmp_path / "k" / "results.json").read_text())["runs"][0]
         assert run["summary"]["steps"] == 12 and run["history"]["step"][-1] == 12
+
+
+class TestCompilationCache:
+    """The console script keeps compiled programs in a persistent cache (a fresh process each)."""
+
+    @staticmethod
+    def _train(tmp_path, **env):
+        import os
+        import subprocess
+        import sys
+
+        full = {k: v for k, v in os.environ.items() if not k.startswith(("COOPSGD_", "JAX_COMPILATION"))}
+        full.update(env)
+        done = subprocess.run([sys.executable, "-m", "coopsgd.app.cli", "train", "--set", "steps=4", "--set",
+                               "workers=2", "--set", "tau=2", "--set", "eval_every=4", "--out",
+                               str(tmp_path / "out"), "--no-progress", "--metrics", "none"],
+                              env=full, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+
+    def test_programs_are_cached_in_the_chosen_folder(self, tmp_path):
+        self._train(tmp_path, COOPSGD_CACHE_DIR=str(tmp_path / "cache"))
+        entries = list((tmp_path / "cache").iterdir())
+        assert entries, "no compiled program was cached"
+        assert (tmp_path / "cache").stat().st_mode & 0o077 == 0  # the cache runs code: this user's only
+
+    def test_the_cache_can_be_turned_off(self, tmp_path):
+        self._train(tmp_path, COOPSGD_CACHE_DIR=str(tmp_path / "cache"), COOPSGD_COMPILATION_CACHE="0")
+        assert not (tmp_path / "cache").exists()
+
+    def test_default_folder_follows_xdg(self, monkeypatch, tmp_path):
+        for key in ("COOPSGD_CACHE_DIR", "COOPSGD_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR"):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        assert cli.compilation_cache_dir() == str(tmp_path / "coopsgd" / "jax")
+        monkeypatch.setenv("COOPSGD_COMPILATION_CACHE", "off")
+        assert cli.compilation_cache_dir() is None

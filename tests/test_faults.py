@@ -141,7 +141,7 @@ def test_kills_inside_a_checkpoint_save(capsys, tmp_path, cfg):
 
     code, err = interrupted()
     assert code == 130 and err == "coopsgd: interrupted\n", err
-    assert sorted(os.listdir(stopped)) == ["checkpoints"]  # nothing temporary is left, no lock
+    assert sorted(os.listdir(stopped)) == ["checkpoints", "metrics"]  # nothing temporary is left, no lock
     assert sorted(os.listdir(stopped / "checkpoints")) == ["4"] and ckpt.latest_step(stopped / "checkpoints") == 4
 
     code, err = killed()
@@ -394,7 +394,7 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(capsys, tmp_path, cfg):
     # the killed run's lock is stale: taken over, with one line
     code, _, err = _train(capsys, cfg, out, "--set", "steps=4")
     assert code == 0 and err.count("\n") == 1 and f"taking over output folder {str(out)!r}" in err
-    assert sorted(os.listdir(out)) == _result_names()
+    assert sorted(os.listdir(out)) == sorted(_result_names() + ["metrics"])
 
 
 def test_folder_lock_is_reentrant_records_its_holder_and_leaves_nothing(tmp_path):
@@ -429,8 +429,11 @@ def test_unusable_output_path_is_refused_before_training(capsys, monkeypatch, tm
     assert sorted(os.listdir(tmp_path)) == sorted(["run.toml"] + (["link"] if kind != "long name" else []))
 
 
-def test_diverged_run_with_checkpoints_leaves_nothing(capsys, tmp_path, cfg):
+def test_diverged_run_with_checkpoints_leaves_only_its_metrics(capsys, tmp_path, cfg):
     out = tmp_path / "nested" / "o"
     code, _, err = _train(capsys, cfg, out, "--checkpoint-every", "8", "--set", "optimizer.lr=1e12")
     assert code == 1 and "diverged" in err
-    assert not (tmp_path / "nested").exists()
+    assert os.listdir(out) == ["metrics"]  # no empty checkpoints/, no result set: the record of the run
+    code, _, err = _train(capsys, cfg, tmp_path / "quiet" / "o", "--checkpoint-every", "8", "--set",
+                          "optimizer.lr=1e12", "--metrics", "none")
+    assert code == 1 and not (tmp_path / "quiet").exists()

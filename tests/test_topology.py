@@ -3,7 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coopsgd import topology
+from coopsgd import mixing, topology
+from coopsgd.core import spectral
 
 
 class TestExponential:
@@ -140,5 +141,28 @@ class TestByName:
     def test_bad_sizes(self):
         with pytest.raises(ValueError, match="power of two"):
             topology.by_name("hypercube", 6)
-        with pytest.raises(ValueError, match="k\\*k"):
+        with pytest.raises(ValueError, match="rows\\*cols"):
             topology.by_name("torus", 10)
+
+    @pytest.mark.parametrize("n,shape", [(9, (3, 3)), (12, (3, 4)), (15, (3, 5)), (16, (4, 4)),
+                                         (24, (4, 6)), (36, (6, 6)), (45, (5, 9))])
+    def test_torus_shape_is_the_most_square_factorisation(self, n, shape):
+        assert topology.torus_shape(n) == shape
+
+    @pytest.mark.parametrize("n", [4, 8, 13, 14, 22, 26])
+    def test_torus_shape_refuses_sizes_without_sides_of_three(self, n):
+        with pytest.raises(ValueError, match="rows, cols >= 3"):
+            topology.torus_shape(n)
+
+    def test_rectangular_torus_neighbours_by_row_and_column(self):
+        # node i*cols + j sits at row i, column j; its neighbours wrap around both ways
+        graph = topology.torus(4, 5)
+        assert graph.number_of_edges() == 2 * 20
+        assert set(graph[0]) == {1, 4, 5, 15}
+        assert set(graph[13]) == {12, 14, 8, 18}
+
+    def test_rectangular_torus_zeta_by_hand(self):
+        # Metropolis on a 4-regular graph: W = (I + A)/5; A's eigenvalues on the 3 x 4 torus are
+        # 2cos(2πa/3) + 2cos(2πb/4); the second largest modulus is (1 + 2)/5 = 0.6.
+        W = mixing.from_graph(topology.by_name("torus", 12), "metropolis")
+        assert spectral.zeta(W) == pytest.approx(0.6, abs=1e-9)

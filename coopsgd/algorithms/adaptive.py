@@ -106,8 +106,6 @@ class AdaCommState(NamedTuple):
 
 
 class AdaComm(AdaptivePeriod):
-    history_entry = AdaCommUpdate
-
     """AdaComm's adaptive period: τ is recomputed every ``interval`` of (simulated) wall-clock time
     from the worker-averaged training loss by :func:`adacomm_period`.
 
@@ -133,6 +131,8 @@ class AdaComm(AdaptivePeriod):
         Wang & Joshi, "Adaptive Communication Strategies to Achieve the Best Error-Runtime
         Trade-off in Local-Update SGD", SysML 2019, arXiv:1810.08313.
     """
+
+    history_entry = AdaCommUpdate
 
     def __init__(self, tau0: int, interval: float, *, loss0: float | None = None, lr0: float | None = None,
                  lr_schedule: Callable[[int], float] | None = None, tau_max: int | None = None):
@@ -222,8 +222,6 @@ class ADPSGDState(NamedTuple):
 
 
 class ADPSGD(AdaptivePeriod):
-    history_entry = ADPSGDRound
-
     """Adaptive periodic averaging: the period grows as the workers' models drift apart more slowly,
     under a budget of averagings (after Jiang & Agrawal, ADPSGD, arXiv:2007.06134).
 
@@ -277,6 +275,8 @@ class ADPSGD(AdaptivePeriod):
         Jiang & Agrawal, "Adaptive Periodic Averaging: A Practical Approach to Reducing
         Communication in Distributed Learning", arXiv:2007.06134 (the argument); the rule is coopsgd's.
     """
+
+    history_entry = ADPSGDRound
 
     def __init__(self, tau0: int, total_steps: int, budget: int, *, target: float | None = None,
                  max_growth: float = 2.0, front_load: float | None = 2.0, tau_max: int | None = None):

@@ -85,6 +85,7 @@ class PushSchedule(schedules.MixingSchedule):
         self.n, self.v, self.description = ps[0].n, 0, description
 
     def at(self, r: int) -> MixingMatrix:
+        """The column-stochastic push matrix of round ``r``."""
         return self.cycle[r % len(self.cycle)]
 
     def __repr__(self) -> str:

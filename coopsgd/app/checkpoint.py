@@ -44,10 +44,6 @@ __all__ = ["Checkpointer", "find", "latest_step"]
 _ORBAX_LOGGERS = ("absl", "asyncio", "orbax")
 
 
-def _quiet():
-    logging.getLogger("absl").setLevel(logging.ERROR)
-
-
 @contextlib.contextmanager
 def _silenced():
     """No log records from orbax (absl) and asyncio inside the block: its errors come back as one
@@ -203,7 +199,6 @@ class Checkpointer:
                  read_only: bool = False):
         import orbax.checkpoint as ocp
 
-        _quiet()
         self.directory = os.path.abspath(os.fspath(directory))
         self.note = note if note is not None else (lambda msg: warnings.warn(msg, stacklevel=3))
         self._ocp = ocp
@@ -250,7 +245,9 @@ class Checkpointer:
                 raise ValueError(f"cannot save checkpoint {step} in {self.directory!r}: {reason(err)}; {kept}") from None
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        """The newest saved step, or ``None`` when there is none."""
+        with _silenced():
+            return self._manager.latest_step()
 
     def _steps(self, step: int | None) -> list[int]:
         """The steps to try, newest first: ``[step]``, or every complete checkpoint."""
@@ -342,6 +339,7 @@ class Checkpointer:
         return self._first_readable(self._steps(step), read)[1]
 
     def close(self) -> None:
+        """Release orbax's resources (a manager whose save failed is closed quietly)."""
         try:
             with _silenced():
                 self._manager.close()

@@ -35,6 +35,7 @@ __all__ = [
     "build_runtime",
     "check_fits",
     "depends_on_steps",
+    "stretched_over_steps",
     "expected_delay",
     "flatten",
     "load_toml",
@@ -398,10 +399,19 @@ def build_runtime(cfg: Mapping):
     return rt.RuntimeModel(compute, delay, seed=cfg["seed"])
 
 
-def depends_on_steps(cfg: Mapping) -> bool:
-    """Whether anything but the stopping point depends on ``steps`` (a learning-rate schedule
-    stretched over the run, or AdaComm's default interval)."""
+def stretched_over_steps(cfg: Mapping) -> str | None:
+    """What ``steps`` stretches beyond the stopping point, in words (``None`` when nothing): a
+    learning-rate schedule spread over the run, or AdaComm's default interval."""
     kind = cfg["optimizer.schedule"]
-    return (kind in ("cosine", "warmup_cosine")
-            or (kind != "constant" and not cfg["optimizer.decay_every"])
-            or (cfg["algorithm"] == "adacomm" and cfg["adacomm_interval"] is None))
+    if kind in ("cosine", "warmup_cosine"):
+        return f"optimizer.schedule = {kind!r} spreads the learning rate over steps"
+    if kind != "constant" and not cfg["optimizer.decay_every"]:
+        return f"optimizer.schedule = {kind!r} without optimizer.decay_every decays at thirds of steps"
+    if cfg["algorithm"] == "adacomm" and cfg["adacomm_interval"] is None:
+        return "adacomm without adacomm_interval takes its interval from the estimated run time of steps"
+    return None
+
+
+def depends_on_steps(cfg: Mapping) -> bool:
+    """Whether anything but the stopping point depends on ``steps`` (:func:`stretched_over_steps`)."""
+    return stretched_over_steps(cfg) is not None

@@ -69,7 +69,7 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     scikit-learn's bundled copy of the UCI data set; see ``coopsgd/app/datasets/README.md`` for its
     provenance and CC BY 4.0 licence). Nothing is downloaded.
 
-    Example:
+    Examples:
         >>> ds = load_digits()
         >>> ds.x_train.shape[1:], ds.num_classes, len(ds.y_train) + len(ds.y_test)
         ((8, 8, 1), 10, 1797)
@@ -153,7 +153,7 @@ def _check_workers(m, n_examples: int) -> int:
 def split_iid(n_examples: int, m: int, seed: int = 0) -> list[np.ndarray]:
     """A random partition of ``range(n_examples)`` into ``m`` shards whose sizes differ by ≤ 1.
 
-    Example:
+    Examples:
         >>> [len(s) for s in split_iid(10, 3)]
         [4, 3, 3]
     """
@@ -226,9 +226,11 @@ class WorkerSampler:
         return np.take_along_axis(self._table, pos, axis=1)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
+        """The batch of step ``step``: ``x`` and ``y`` of shape (m, batch_size, …), a pure function of (seed, step)."""
         idx = self.indices(step)
         return {"x": self.x[idx], "y": self.y[idx]}
 
     def batches(self, start: int, count: int) -> dict[str, np.ndarray]:
+        """The batches of steps ``start … start + count − 1`` stacked on a leading axis."""
         idx = np.stack([self.indices(start + k) for k in range(count)])
         return {"x": self.x[idx], "y": self.y[idx]}

@@ -75,6 +75,7 @@ class _Run:
         self.mixings = 0
         self.bytes = 0.0
         self.real_time = 0.0
+        self.metrics = None  # a coopsgd.app.metrics.MetricsWriter, set by run()
         keep = np.arange(len(ds.y_train))
         if len(keep) > EVAL_MAX:  # a fixed subset keeps evaluation cheap on large user data sets
             keep = np.sort(np.random.default_rng([cfg["seed"], 4]).permutation(len(keep))[:EVAL_MAX])
@@ -130,6 +131,8 @@ class _Run:
                    consensus=float(consensus), test_accuracy=float(acc), tau=int(tau))
         for k in HISTORY_KEYS:
             self.history[k].append(row[k])
+        if self.metrics is not None:
+            self.metrics.write("eval", dict(row, bytes=self.bytes))
 
     # -- the round hook -----------------------------------------------------------------------
     def on_round(self, end: RoundEnd, *, steps: int, checkpoint_every: int, saver, bar, stop_at,
@@ -139,10 +142,16 @@ class _Run:
         state, k0, k = end.state, end.start, end.step
         loss, comm, cons = (np.asarray(end.metrics.loss), np.asarray(end.metrics.communicated),
                             np.asarray(end.metrics.consensus))
-        self.time_through(k, state)
         for i in np.flatnonzero(comm):
             self.mixings += 1
             self.bytes += self._traffic(self._round_of(k0 + int(i), state)[0]).total_bytes
+            if self.metrics is not None:
+                at = k0 + int(i) + 1
+                self.time_through(at, state)  # rounds are timed in order: this one is now the latest
+                self.metrics.write("round", {"step": at, "time": self.time_at(at), "batch_loss": float(loss[i]),
+                                             "consensus": float(cons[i]), "bytes": self.bytes,
+                                             "round": self.mixings})
+        self.time_through(k, state)
         if self.period.adaptive and end.mixed:
             state = self.trainer.observe(state, loss=float(np.mean(loss)), time=self.time_at(k), step=k,
                                          consensus=float(cons[-1]))
@@ -150,7 +159,7 @@ class _Run:
         last = (float(np.mean(loss)), float(np.mean(cons)))
         if bar is not None:
             bar.update(k - k0)
-            bar.set_postfix(loss=f"{loss[-1]:.4f}")
+            bar.set_postfix(loss=f"{loss[-1]:.4f}", sim=f"{self.time_at(k):.2f}s")
         every = self.cfg["eval_every"]
         if k == steps or k // every > k0 // every:
             self.evaluate(*last)
@@ -216,19 +225,21 @@ def _evaluator(model, m: int):
 
 def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool = False,
         checkpoint_dir=None, checkpoint_every: int = 0, resume=None, stop_at: int | None = None,
-        note: Callable[[str], None] | None = None) -> RunResult:
+        note: Callable[[str], None] | None = None, metrics_dir=None, metrics: str = "both") -> RunResult:
     """Train the configured run and return its :class:`RunResult`.
 
     Args:
         cfg: a configuration from :func:`coopsgd.app.config.make_config`.
         name: label (default: the algorithm's name).
         dataset: a :class:`coopsgd.app.data.Dataset` to share between runs (default: load ``cfg["data"]``).
-        progress: show a tqdm progress bar (loss, steps/s) on stderr.
+        progress: show a tqdm progress bar (batch loss, simulated time, steps/s) on stderr.
         checkpoint_dir: where :mod:`coopsgd.app.checkpoint` saves, every ``checkpoint_every`` steps
             and at the end.
         resume: a checkpoint folder to continue from (its latest readable checkpoint).
         stop_at: stop after this many steps (for tests of resumption; the history is partial).
         note: called with one line when resuming skips an unreadable checkpoint (default: a warning).
+        metrics_dir: where :mod:`coopsgd.app.metrics` writes the run's records while it goes
+            (``metrics`` picks the formats: ``both``, ``jsonl``, ``tensorboard`` or ``none``).
 
     A checkpoint that cannot be saved (a full disk) stops the run with ValueError, the earlier
     checkpoints intact; a checkpoint folder this run created and left empty (it failed before its
@@ -274,6 +285,11 @@ def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool =
         )
     made = bool(checkpoint_dir) and not os.path.isdir(checkpoint_dir)
     saver = ckpt.Checkpointer(checkpoint_dir) if checkpoint_dir else None
+    if metrics_dir is not None:
+        from coopsgd.app.metrics import MetricsWriter
+
+        r.metrics = MetricsWriter(metrics_dir, r.name, metrics, None if resume is None else int(r.state.step),
+                                  note=note)
     if int(r.state.step) == 0 and not r.history["step"]:
         r.evaluate(batch_loss=None, consensus=0.0)
     bar = _progress(progress, steps, int(r.state.step), r.name)
@@ -292,6 +308,8 @@ def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool =
     finally:
         if bar is not None:
             bar.close()
+        if r.metrics is not None:
+            r.metrics.close()
         if saver is not None:
             saver.close()
             if made and not os.listdir(checkpoint_dir):
@@ -304,8 +322,13 @@ def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool =
 def check_resume(cfg: Mapping, saved: Mapping) -> None:
     """Refuse to resume when the configuration differs from the checkpoint's (``steps`` may change
     unless a schedule is stretched over the run)."""
-    free = {"out"} if config.depends_on_steps(cfg) or config.depends_on_steps(saved) else {"out", "steps"}
-    diff = [k for k in config.DEFAULTS if k not in free and cfg.get(k) != saved.get(k)]
+    stretched = config.stretched_over_steps(saved) or config.stretched_over_steps(cfg)
+    if stretched and cfg.get("steps") != saved.get("steps"):
+        raise ValueError(f"cannot resume with steps = {cfg.get('steps')!r}: the checkpoint's run has steps = "
+                         f"{saved.get('steps')!r} and its {stretched}, so the steps already taken would change; "
+                         "steps may change on resume only when nothing is stretched over the run (a constant "
+                         "schedule, or a step schedule with optimizer.decay_every, and adacomm_interval set)")
+    diff = [k for k in config.DEFAULTS if k != "out" and k != "steps" and cfg.get(k) != saved.get(k)]
     if diff:
         shown = ", ".join(f"{k} = {saved.get(k)!r} in the checkpoint but {cfg.get(k)!r} now" for k in diff[:3])
         raise ValueError(f"cannot resume: the configuration differs from the checkpoint's ({shown})")

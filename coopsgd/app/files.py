@@ -297,6 +297,8 @@ class FolderLock:
         self._key = None
 
     def acquire(self) -> FolderLock:
+        """Take the lock (a stale one from a killed run is taken over, with a note); ValueError if a
+        live process holds it."""
         key = os.path.realpath(self.folder)
         if key in _HELD:
             _HELD[key][1] += 1
@@ -337,6 +339,7 @@ class FolderLock:
         return self
 
     def release(self) -> None:
+        """Give the lock back and remove the lock file."""
         key, self._key = self._key, None
         if key is None or key not in _HELD:
             return

@@ -78,9 +78,11 @@ class Model(NamedTuple):
     input_shape: tuple[int, ...]
 
     def init(self, key) -> Any:
+        """The model's parameters, initialised from the PRNG ``key``."""
         return self.module.init(key, jnp.zeros((1, *self.input_shape), jnp.float32))["params"]
 
     def apply(self, params, x):
+        """The logits of the inputs ``x`` under ``params``."""
         return self.module.apply({"params": params}, x)
 
 

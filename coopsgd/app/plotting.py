@@ -7,7 +7,6 @@ A *history* is a mapping with equal-length lists ``"step"``, ``"time"`` (simulat
 
 from __future__ import annotations
 
-import math
 import os
 
 import matplotlib
@@ -19,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
 from coopsgd.app.files import atomic_write
+from coopsgd.core import topology
 
 __all__ = ["RUN_FIGURES", "plot_curves", "plot_run_figures", "plot_topology", "topology_layout"]
 
@@ -80,18 +80,19 @@ def plot_run_figures(histories: dict, folder, title: str = "") -> list[str]:
     return out
 
 
-def topology_layout(graph: nx.Graph, name: str = "") -> dict:
+def topology_layout(graph: nx.Graph, name: str = "", shape: tuple[int, int] | None = None) -> dict:
     """Node positions that show a named topology's structure (nodes ``0..n-1`` as
-    :func:`coopsgd.core.topology.by_name` numbers them): ``torus`` on its k × k grid, ``path`` on a
+    :func:`coopsgd.core.topology.by_name` numbers them): ``torus`` on its rows × cols grid (``shape``,
+    default :func:`~coopsgd.core.topology.torus_shape`), ``path`` on a
     line, ``star`` with its hub (node 0) in the centre, ``hypercube`` as the projection of the
     d-cube (node i at Σ_b bit_b(i)·(cos πb/d, sin πb/d)); anything else on a circle."""
     n = graph.number_of_nodes()
     nodes = sorted(graph.nodes)
     if n <= 1:
         return {v: np.zeros(2) for v in nodes}
-    if name == "torus" and math.isqrt(n) ** 2 == n:
-        side = math.isqrt(n)
-        return {v: np.array([v % side, -(v // side)], float) for v in nodes}
+    if name == "torus":
+        _, cols = shape if shape is not None else topology.torus_shape(n)
+        return {v: np.array([v % cols, -(v // cols)], float) for v in nodes}
     if name == "path":
         return {v: np.array([v, 0.0]) for v in nodes}
     if name == "star":
@@ -106,20 +107,21 @@ def topology_layout(graph: nx.Graph, name: str = "") -> dict:
     return nx.circular_layout(graph)
 
 
-def plot_topology(graph: nx.Graph, W, path, title: str = "", name: str = "") -> str:
+def plot_topology(graph: nx.Graph, W, path, title: str = "", name: str = "",
+                  shape: tuple[int, int] | None = None) -> str:
     """Draw ``graph`` in :func:`topology_layout` for ``name``: edge widths proportional to the weights
     ``W[i, j]`` (explained in the legend), nodes coloured by their self-weights ``W[i, i]``. On a
     torus the wrap-around edges are dashed arcs."""
     csr = W.tocsr() if hasattr(W, "tocsr") else sp.csr_array(np.asarray(W))  # never a dense n × n copy
     fig = Figure(figsize=(6.0, 5.2))
     ax = fig.add_subplot()
-    pos = topology_layout(graph, name)
+    pos = topology_layout(graph, name, shape)
     weights = [abs(float(csr[i, j])) for i, j in graph.edges]
 
     def width(w):  # points; the same scale on every drawing
         return 0.4 + 10.0 * w
 
-    side = math.isqrt(graph.number_of_nodes()) if name == "torus" else 0
+    side = name == "torus"
     for (i, j), w in zip(graph.edges, weights):
         (x0, y0), (x1, y1) = pos[i], pos[j]
         wraps = side and (abs(x1 - x0) > 1 or abs(y1 - y0) > 1)

@@ -89,6 +89,7 @@ def _text(text: str) -> Callable[[str], None]:
 
 SUMMARY_COLUMNS = ("name", "final_train_loss", "test_accuracy", "comm_rounds", "bytes_communicated",
                    "simulated_time", "real_time", "final_consensus", "zeta", "steps")
+"""The columns of ``results.csv``, one row per run."""
 
 
 def write_results(results: list, out: str, title: str = "") -> list[str]:

@@ -192,6 +192,7 @@ class MixingMatrix:
         raise ValueError(f"axis must be 0, 1 or None for a 2-D W, got {axis!r}")
 
     def trace(self) -> float:
+        """tr W, the sum of the diagonal."""
         return float(self.diagonal().sum())
 
     def column_sums(self) -> np.ndarray:
@@ -208,14 +209,14 @@ class MixingMatrix:
         return np.concatenate([rows + self.wa.sum(axis=1), self.aw.sum(axis=1) + self.aa.sum(axis=1)])
 
     def is_finite(self) -> bool:
+        """Whether every stored entry is finite (no NaN or Inf)."""
         if self.form == "mean":
             ok = np.all(np.isfinite(self._diag)) and np.isfinite(self._c)
         elif self.form == "sparse":
             ok = np.all(np.isfinite(self._ww.data))
         else:
             ok = np.all(np.isfinite(self._ww))
-        return bool(ok and np.all(np.isfinite(self.wa)) and np.all(np.isfinite(self.aw))
-                    and np.all(np.isfinite(self.aa)))
+        return bool(ok and all(np.all(np.isfinite(a)) for a in (self.wa, self.aw, self.aa)))
 
     def asymmetry(self) -> float:
         """``max |W − Wᵀ|`` (0 for a symmetric W)."""
@@ -231,6 +232,7 @@ class MixingMatrix:
         return max(worker, aux)
 
     def is_symmetric(self, atol: float = 1e-8) -> bool:
+        """Whether W = Wᵀ within ``atol``."""
         return self.asymmetry() <= atol
 
     @property
@@ -245,12 +247,10 @@ class MixingMatrix:
         return worker + sum(int(np.count_nonzero(a)) for a in (self.wa, self.aw, self.aa))
 
     def is_identity(self, atol: float = 0.0) -> bool:
-        if self.form == "mean":
-            worker = abs(self._c) <= atol and np.all(np.abs(self._diag - 1.0) <= atol)
-        else:
-            off = self.worker_offdiagonal()
-            worker = (not off.nnz or np.max(np.abs(off.data)) <= atol) and np.all(
-                np.abs(self.worker_diagonal() - 1.0) <= atol)
+        """Whether W = I within ``atol`` (the mixing leaves every model as it is)."""
+        off = self.worker_offdiagonal() if self.form != "mean" else None
+        worker = (abs(self._c) <= atol if off is None else not off.nnz or np.max(np.abs(off.data)) <= atol) \
+            and np.all(np.abs(self.worker_diagonal() - 1.0) <= atol)
         return bool(worker and np.all(np.abs(self.wa) <= atol) and np.all(np.abs(self.aw) <= atol)
                     and np.all(np.abs(self.aa - np.eye(self.v)) <= atol))
 

@@ -263,6 +263,7 @@ class MixingSchedule:
     MixingMatrix of 0/1, with the diagonal)."""
 
     def at(self, r: int) -> MixingMatrix:
+        """W of round ``r``."""
         raise NotImplementedError
 
     @property
@@ -317,6 +318,7 @@ class _Cyclic(MixingSchedule):
         self.description = description
 
     def at(self, r: int) -> MixingMatrix:
+        """W of round ``r``."""
         return self.cycle[r % len(self.cycle)]
 
     @property

@@ -21,6 +21,8 @@ __all__ = [
     "exponential",
     "matchings",
     "one_peer_exponential_digraphs",
+    "torus",
+    "torus_shape",
 ]
 
 
@@ -66,7 +68,7 @@ def exponential(n: int) -> nx.Graph:
         Ying et al., "Exponential Graph is Provably Efficient for Decentralized Deep Training",
         NeurIPS 2021 (arXiv:2110.13363).
 
-    Example:
+    Examples:
         >>> sorted(exponential(8).neighbors(0))
         [1, 2, 4, 6, 7]
     """
@@ -90,7 +92,7 @@ def one_peer_exponential_digraphs(n: int) -> list[nx.DiGraph]:
         time-varying directed exponential graph of their experiments); Ying et al., "Exponential
         graph is provably efficient for decentralized deep training", NeurIPS 2021, §4.
 
-    Example:
+    Examples:
         >>> [sorted(g.successors(0)) for g in one_peer_exponential_digraphs(8)]
         [[1], [2], [4]]
     """
@@ -252,11 +254,25 @@ def _node_count(n) -> int:
     return n
 
 
+def torus_shape(n: int) -> tuple[int, int]:
+    """The most nearly square ``rows × cols = n`` with ``3 <= rows <= cols`` (12 → 3 × 4, 36 → 6 × 6);
+    a ``ValueError`` when there is none (n prime, 2·p, or below 9)."""
+    for rows in range(math.isqrt(n), 2, -1):
+        if n % rows == 0 and n // rows >= 3:
+            return rows, n // rows
+    raise ValueError(f"torus needs n = rows*cols nodes with rows, cols >= 3 (9, 12, 15, 16, ...), got n={n}")
+
+
+def torus(rows: int, cols: int) -> nx.Graph:
+    """The ``rows × cols`` torus (a 2-D grid with wrap-around, degree 4) on nodes ``0..n-1``, node
+    ``i · cols + j`` at row i, column j. Both sides must be ≥ 3 (a side of 2 would double its edges)."""
+    if min(rows, cols) < 3:
+        raise ValueError(f"torus sides must be >= 3, got {rows}x{cols}")
+    return canonical(nx.grid_2d_graph(rows, cols, periodic=True))
+
+
 def _torus(n: int) -> nx.Graph:
-    side = math.isqrt(n)
-    if side * side != n or side < 3:
-        raise ValueError(f"torus needs n = k*k nodes with k >= 3, got n={n}")
-    return nx.grid_2d_graph(side, side, periodic=True)
+    return torus(*torus_shape(n))
 
 
 def _hypercube(n: int) -> nx.Graph:

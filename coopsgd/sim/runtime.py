@@ -63,6 +63,7 @@ class ComputeTime:
         self.description = description
 
     def sample(self, rng: np.random.Generator, shape) -> np.ndarray:
+        """Per-step compute times of the given ``shape`` (steps × workers), drawn from ``rng``."""
         y = np.asarray(self._sampler(rng, tuple(shape)), dtype=np.float64)
         if y.shape != tuple(shape):
             raise ValueError(f"compute-time sampler returned shape {y.shape}, expected {tuple(shape)}")
@@ -145,6 +146,7 @@ class CommDelay:
         self.description = description
 
     def delay(self, traffic: Communication, rng: np.random.Generator) -> float:
+        """Seconds one mixing with this ``traffic`` takes (drawn from ``rng`` if random)."""
         if traffic.kind == "none":
             return 0.0
         d = float(self._fn(traffic, rng))
@@ -225,6 +227,7 @@ class RuntimeModel:
         return self.comm.delay(traffic, np.random.default_rng([self.seed, 1, round_index]))
 
     def clock(self, m: int) -> Clock:
+        """A :class:`Clock` for ``m`` workers under this model, at time 0."""
         return Clock(self, m)
 
     def timeline(self, algorithm, steps: int, traffic: Callable[[int], Communication],
@@ -256,9 +259,12 @@ class Clock:
         self.time, self.pending = float(time), float(pending)
 
     def state(self) -> dict:
+        """The clock's state as JSON-able data (the time, and the communication still pending behind the
+        compute), for checkpoints."""
         return {"time": self.time, "pending": self.pending}
 
     def restore(self, state: dict) -> None:
+        """Continue from a :meth:`state` taken earlier."""
         self.time, self.pending = float(state["time"]), float(state["pending"])
 
     def round(self, start: int, steps: int, traffic: Communication | None, *, overlap: bool = False,

@@ -8,11 +8,11 @@ broken module breaks its own command and no other.
 
 from __future__ import annotations
 
-__all__ = ["COMMANDS", "CommandError", "check_png_path", "warnings_printer"]
+__all__ = ["COMMANDS", "CommandError", "add_metrics_option", "check_png_path", "renamed_option", "warnings_printer"]
 
 COMMANDS: dict[str, str] = {
     "compare": "train several algorithms on the same data and compare loss, accuracy, communication and time",
-    "train": "one training run from a TOML configuration file",
+    "train": "one training run from a TOML configuration file (or the defaults)",
     "topology": "a named graph's mixing matrix W: summary, zeta, spectral gap, optional drawing",
     "verify": "run an algorithm beside its convergence bound",
 }
@@ -52,3 +52,23 @@ def warnings_printer():
             print(" ".join(f"coopsgd: warning: {message}".split()), file=sys.stderr, flush=True)
 
     return note
+
+
+def renamed_option(parser, old: str, new: str) -> None:
+    """Refuse the old spelling ``old`` of option ``new`` with a pointer to the new one (hidden from --help)."""
+    import argparse
+
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            raise CommandError(f"{old} was renamed: use {new}")
+
+    parser.add_argument(old, action=Renamed, nargs="?", help=argparse.SUPPRESS, dest=f"_renamed_{old.lstrip('-')}")
+
+
+def add_metrics_option(parser) -> None:
+    """``--metrics``: what a run writes into ``OUT/metrics/`` while it goes (:mod:`coopsgd.app.metrics`)."""
+    from coopsgd.app.metrics import KINDS
+
+    parser.add_argument("--metrics", choices=KINDS, default="both",
+                        help="records written while each run goes, into OUT/metrics/ (default both: "
+                        "<run>.jsonl and TensorBoard event files under OUT/metrics/tensorboard)")

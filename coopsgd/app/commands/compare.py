@@ -14,11 +14,12 @@ import os
 import sys
 import time
 
-from coopsgd.app.commands import CommandError, warnings_printer
+from coopsgd.app.commands import COMMANDS, CommandError, add_metrics_option, renamed_option, warnings_printer
 
 __all__ = ["DEFAULT_OUT", "QUICK", "register", "run"]
 
 DEFAULT_OUT = "runs/compare"
+"""Where ``coopsgd compare`` writes without ``--out``."""
 
 QUICK = {"steps": 96, "eval_every": 16}
 """What ``--quick`` changes (≤ 30 s on 2 CPU cores)."""
@@ -28,32 +29,41 @@ DEFAULT = {"steps": 800, "eval_every": 16, "tau": 8}
 
 
 def register(subparsers) -> None:
+    """Add the ``compare`` parser to ``subparsers``."""
     p = subparsers.add_parser(
         "compare",
-        help="train several algorithms on the same data and compare loss, accuracy, communication and time",
+        help=COMMANDS["compare"],
         description="Train every chosen algorithm on the same data, model, workers and runtime model; "
         "print a comparison table and write results and plots into --out.",
     )
+    from coopsgd.app import config
+
+    d = {**config.DEFAULTS, **DEFAULT}
     p.add_argument("--algorithms", "-a", metavar="A,B,C",
                    help="comma-separated subset (default: all available)")
-    p.add_argument("--quick", action="store_true", help=f"a short run ({QUICK['steps']} steps, <= 30 s)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a short run ({QUICK['steps']} steps, <= 30 s; default: {DEFAULT['steps']} steps)")
     p.add_argument("--out", "-o", metavar="DIR", help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--data", metavar="NPZ", help="your own .npz with arrays x and y (default: bundled digits)")
-    p.add_argument("--workers", "-m", type=int, metavar="M", help="number of simulated workers (default 8)")
-    p.add_argument("--steps", type=int, metavar="K", help=f"iterations per algorithm (default {DEFAULT['steps']})")
-    p.add_argument("--tau", type=int, metavar="T", help="period of the local-update algorithms (default 8)")
-    p.add_argument("--topology", metavar="NAME", help="graph of the decentralized algorithms (default ring)")
-    p.add_argument("--weights", metavar="RULE", help="weight rule on that graph (default metropolis)")
-    p.add_argument("--split", choices=("iid", "dirichlet"), help="how data is split across workers (default iid)")
-    p.add_argument("--alpha", type=float, metavar="A",
-                   help="Dirichlet concentration for a non-IID split (implies --split dirichlet)")
-    p.add_argument("--model", choices=("mlp", "cnn"), help="model (default mlp)")
-    p.add_argument("--lr", type=float, help="learning rate (default 0.1)")
-    p.add_argument("--batch-size", type=int, metavar="B", help="per-worker batch size (default 16)")
-    p.add_argument("--seed", type=int, help="seed (default 0)")
+    p.add_argument("--workers", "-m", type=int, metavar="M", help=f"number of simulated workers (default {d['workers']})")
+    p.add_argument("--steps", type=int, metavar="K", help=f"iterations per algorithm (default {d['steps']})")
+    p.add_argument("--tau", type=int, metavar="T", help=f"period of the local-update algorithms (default {d['tau']})")
+    p.add_argument("--topology", metavar="NAME", help=f"graph of the decentralized algorithms (default {d['topology']})")
+    p.add_argument("--weights", metavar="RULE", help=f"weight rule on that graph (default {d['weights']})")
+    p.add_argument("--split", choices=("iid", "dirichlet"),
+                   help=f"how data is split across workers (default {d['split']})")
+    p.add_argument("--dirichlet-alpha", type=float, metavar="A",
+                   help="Dirichlet concentration for a non-IID split (implies --split dirichlet; default "
+                   f"{d['dirichlet_alpha']})")
+    renamed_option(p, "--alpha", "--dirichlet-alpha")
+    p.add_argument("--model", choices=("mlp", "cnn"), help=f"model (default {d['model']})")
+    p.add_argument("--lr", type=float, help=f"learning rate (default {d['optimizer.lr']})")
+    p.add_argument("--batch-size", type=int, metavar="B", help=f"per-worker batch size (default {d['batch_size']})")
+    p.add_argument("--seed", type=int, help=f"seed (default {d['seed']})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any configuration key (as in coopsgd train), repeatable")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+                   help="override any configuration key (as in coopsgd train), repeatable (default: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown on a terminal)")
+    add_metrics_option(p)
 
 
 def _base_config(args) -> dict:
@@ -63,10 +73,10 @@ def _base_config(args) -> dict:
     if args.quick:
         layer.update(QUICK)
     flags = {"workers": args.workers, "steps": args.steps, "tau": args.tau, "topology": args.topology,
-             "weights": args.weights, "split": args.split, "dirichlet_alpha": args.alpha,
+             "weights": args.weights, "split": args.split, "dirichlet_alpha": args.dirichlet_alpha,
              "model": args.model, "optimizer.lr": args.lr, "batch_size": args.batch_size,
              "seed": args.seed, "data": args.data}
-    if args.alpha is not None and args.split is None:
+    if args.dirichlet_alpha is not None and args.split is None:
         flags["split"] = "dirichlet"
     layer.update({k: v for k, v in flags.items() if v is not None})
     sets = dict(config.parse_override(t) for t in args.overrides)
@@ -97,6 +107,7 @@ def _algorithms(args) -> list[str]:
 
 
 def run(args) -> int:
+    """Run ``coopsgd compare`` with the parsed ``args``; return the exit code."""
     from coopsgd.app import config, models, registry, results
     from coopsgd.app import data as data_mod
     from coopsgd.app import experiment as ex
@@ -112,7 +123,8 @@ def run(args) -> int:
         registry.build(cfg)
     # The folder is locked for the whole run, its result files probed before training, and the
     # results written all or nothing.
-    with results.output_folder(base["out"], note=warnings_printer()) as out:
+    note = warnings_printer()
+    with results.output_folder(base["out"], note=note) as out:
         split = base["split"] if base["split"] == "iid" else f"dirichlet alpha={base['dirichlet_alpha']:g}"
         print(f"coopsgd compare: {base['model']} on {dataset.name} ({len(dataset.y_train)} train / "
               f"{len(dataset.y_test)} test), m = {base['workers']} workers ({split}), {base['steps']} steps, "
@@ -121,7 +133,8 @@ def run(args) -> int:
         runs = []
         t0 = time.perf_counter()
         for cfg in configs:
-            runs.append(ex.run(cfg, dataset=dataset, progress=progress))
+            runs.append(ex.run(cfg, dataset=dataset, progress=progress, metrics_dir=os.path.join(out, "metrics"),
+                               metrics=args.metrics, note=note))
             if not progress:
                 s = runs[-1]["summary"]
                 print(f"  {cfg['algorithm']:<24} loss {s['final_train_loss']:.4f}  ({s['real_time']:.1f} s)",

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from coopsgd.app.commands import CommandError, check_png_path
+from coopsgd.app.commands import COMMANDS, CommandError, check_png_path
 from coopsgd.core import mixing, spectral, topology
 from coopsgd.core.operator import DENSE_LIMIT
 from coopsgd.core.validate import INT32_MAX, format_bytes, require_int, require_memory
@@ -31,20 +31,24 @@ and the drawing reads W densely; beyond, the picture is unreadable anyway."""
 
 
 def register(subparsers) -> None:
+    """Add the ``topology`` parser to ``subparsers``."""
     p = subparsers.add_parser(
         "topology",
-        help="a named graph's mixing matrix W: summary, zeta, spectral gap, optional drawing",
+        help=COMMANDS["topology"],
         description="Build the named topology on N nodes, weight it by RULE and print W's summary, "
         "zeta and the spectral gap.",
     )
     p.add_argument("name", metavar="NAME", help=f"one of: {', '.join(topology.TOPOLOGIES)}")
-    p.add_argument("--nodes", "-n", type=int, required=True, metavar="N", help="number of nodes (>= 1)")
+    p.add_argument("--nodes", "-n", type=int, metavar="N",
+                   help="number of nodes (>= 1; required unless --shape; a torus on N nodes is the most "
+                   "nearly square rows x cols = N, e.g. 12 -> 3x4)")
+    p.add_argument("--shape", metavar="RxC", help="torus only: its rows x cols, e.g. 3x4 (sets --nodes)")
     rules = [*mixing.WEIGHT_RULES, *(f"lazy_{r}" for r in mixing.WEIGHT_RULES)]
     p.add_argument("--weights", default="metropolis", metavar="RULE",
                    help=f"weight rule (default metropolis): {', '.join(rules)}")
-    p.add_argument("--draw", metavar="PNG", help="save a drawing of the graph (edge width ~ weight)")
-    p.add_argument("--matrix", action="store_true", help="also print W itself")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--draw", metavar="PNG", help="save a drawing of the graph (edge width ~ weight; default: none)")
+    p.add_argument("--matrix", action="store_true", help="also print W itself (default: off)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (default: a table)")
 
 
 def edge_count(name: str, n: int) -> int:
@@ -53,6 +57,26 @@ def edge_count(name: str, n: int) -> int:
     log = max(1, math.ceil(math.log2(n))) if n > 1 else 0
     return {"ring": n if n >= 3 else n - 1, "path": n - 1, "torus": 2 * n, "hypercube": n * log // 2,
             "star": n - 1, "complete": n * (n - 1) // 2, "exponential": n * log}[name]
+
+
+def _shape(args) -> tuple[int, int] | None:
+    """``--shape RxC`` parsed (a torus only), with ``--nodes`` set to R·C or checked against it."""
+    if args.shape is None:
+        if args.nodes is None:
+            raise CommandError("topology needs --nodes N (or --shape RxC for a torus)")
+        return None
+    if args.name != "torus":
+        raise CommandError(f"--shape {args.shape!r} is for the torus only, not {args.name!r}")
+    parts = args.shape.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise CommandError(f"--shape {args.shape!r} must be ROWSxCOLS, e.g. 3x4")
+    rows, cols = (int(p) for p in parts)
+    if min(rows, cols) < 3:
+        raise CommandError(f"--shape {args.shape!r}: torus sides must be >= 3")
+    if args.nodes is not None and args.nodes != rows * cols:
+        raise CommandError(f"--nodes {args.nodes} disagrees with --shape {args.shape} ({rows * cols} nodes)")
+    args.nodes = rows * cols
+    return rows, cols
 
 
 def _check_size(args) -> None:
@@ -79,9 +103,10 @@ def _check_size(args) -> None:
                        (64.0 if args.json else 16.0) * n * n, "use fewer nodes or leave out --matrix")
 
 
-def summary(name: str, nodes: int, weights: str = "metropolis"):
-    """``(graph, W, facts)`` for the named topology; ``facts`` is a JSON-ready dict."""
-    graph = topology.by_name(name, nodes)
+def summary(name: str, nodes: int, weights: str = "metropolis", shape: tuple[int, int] | None = None):
+    """``(graph, W, facts)`` for the named topology (a torus of ``shape`` if given); ``facts`` is a
+    JSON-ready dict."""
+    graph = topology.torus(*shape) if shape is not None else topology.by_name(name, nodes)
     w = mixing.from_graph(graph, weights)
     degrees = [d for _, d in graph.degree]
     edges = w.worker_offdiagonal().data if w.form != "mean" else np.full(1, w.c)
@@ -89,7 +114,7 @@ def summary(name: str, nodes: int, weights: str = "metropolis"):
     diag = w.diagonal()
     z = spectral.zeta(w)
     facts = {
-        "topology": name,
+        "topology": name if name != "torus" else f"torus {'x'.join(map(str, shape or topology.torus_shape(nodes)))}",
         "nodes": graph.number_of_nodes(),
         "edges": graph.number_of_edges(),
         "degree_min": int(min(degrees)),
@@ -109,15 +134,17 @@ def summary(name: str, nodes: int, weights: str = "metropolis"):
 
 
 def run(args) -> int:
+    """Run ``coopsgd topology`` with the parsed ``args``; return the exit code."""
+    shape = _shape(args)
     _check_size(args)
     if args.draw:
         check_png_path("--draw", args.draw)
-    graph, w, facts = summary(args.name, args.nodes, args.weights)
+    graph, w, facts = summary(args.name, args.nodes, args.weights, shape)
     if args.draw:
         from coopsgd.app.plotting import plot_topology
 
-        plot_topology(graph, w, args.draw, name=args.name,
-                      title=f"{args.name}, n = {args.nodes}, {args.weights}: ζ = {facts['zeta']:.4f}")
+        plot_topology(graph, w, args.draw, name=args.name, shape=shape,
+                      title=f"{facts['topology']}, n = {args.nodes}, {args.weights}: ζ = {facts['zeta']:.4f}")
         facts["drawing"] = args.draw
     if args.json:
         out = dict(facts)

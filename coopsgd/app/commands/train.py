@@ -1,4 +1,4 @@
-"""``coopsgd train --config run.toml [--set key=value …]``: one run from a TOML file.
+"""``coopsgd train [--config run.toml] [--set key=value …]``: one run from a TOML file (or the defaults).
 
 Keys (every one optional; see ``coopsgd.app.config.DEFAULTS`` and docs/cli.md)::
 
@@ -34,27 +34,33 @@ from __future__ import annotations
 import os
 import sys
 
-from coopsgd.app.commands import CommandError, warnings_printer
+from coopsgd.app.commands import COMMANDS, CommandError, add_metrics_option, warnings_printer
 
 __all__ = ["build_config", "register", "run"]
 
 
 def register(subparsers) -> None:
+    """Add the ``train`` parser to ``subparsers``."""
     p = subparsers.add_parser(
         "train",
-        help="one training run from a TOML configuration file",
+        help=COMMANDS["train"],
         description="Train one configuration (TOML file plus --set overrides); write results, plots "
         "and optional checkpoints into the output folder.",
     )
-    p.add_argument("--config", "-c", metavar="TOML", help="configuration file (optional with --resume)")
+    p.add_argument("--config", "-c", metavar="TOML",
+                   help="configuration file (default: none, every key at its default; with --resume the "
+                   "checkpoint's configuration)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. --set optimizer.lr=0.05 --set topology=torus (repeatable)")
-    p.add_argument("--out", "-o", metavar="DIR", help="output folder (overrides the config's out)")
+    p.add_argument("--out", "-o", metavar="DIR", help="output folder (overrides the config's out; default runs/train)")
     p.add_argument("--data", metavar="NPZ", help="your own .npz with arrays x and y (default: bundled digits)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="save a checkpoint (orbax) into OUT/checkpoints every N steps and at the end")
-    p.add_argument("--resume", metavar="DIR", help="continue from the latest checkpoint in DIR (or DIR/checkpoints)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="save a checkpoint (orbax) into OUT/checkpoints every N steps and at the end "
+                   "(default 0: none)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue from the latest checkpoint in DIR (or DIR/checkpoints) (default: a fresh run)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    add_metrics_option(p)
 
 
 def build_config(config_path, overrides, out=None, data=None, base=None) -> dict:
@@ -82,6 +88,7 @@ def build_config(config_path, overrides, out=None, data=None, base=None) -> dict
 
 
 def run(args) -> int:
+    """Run ``coopsgd train`` with the parsed ``args``; return the exit code."""
     from coopsgd.app import checkpoint as ckpt
     from coopsgd.app import config, models, registry, results
     from coopsgd.app import data as data_mod
@@ -89,8 +96,6 @@ def run(args) -> int:
 
     if args.checkpoint_every < 0:
         raise CommandError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
-    if not args.config and not args.resume:
-        raise CommandError("train needs --config run.toml (or --resume DIR to continue a run)")
     note = warnings_printer()
     base = None
     resume_dir = None
@@ -119,7 +124,8 @@ def run(args) -> int:
         checkpoint_dir = os.path.join(out, "checkpoints") if (args.checkpoint_every or args.resume) else None
         result = ex.run(cfg, dataset=dataset, progress=not args.no_progress and sys.stderr.isatty(),
                         checkpoint_dir=checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                        resume=resume_dir, note=note)
+                        resume=resume_dir, note=note, metrics_dir=os.path.join(out, "metrics"),
+                        metrics=args.metrics)
         print(results.format_table([result]), flush=True)
         paths = results.write_results([result], out,
                                       title=f"{cfg['algorithm']} on {dataset.name}, m = {cfg['workers']}")
