@@ -145,3 +145,112 @@ class TestRegression:
             problems.linear_regression(3, 5)
         with pytest.raises(ValueError, match="batch_size"):
             problems.linear_regression(batch_size=0)
+
+
+def _dissimilarity(worker_grads):
+    """(1/m) Σ_i ‖∇f_i − ∇F‖² from the (m, d) worker gradients."""
+    g = np.asarray(worker_grads)
+    return float(np.mean(np.sum((g - g.mean(0)) ** 2, axis=1)))
+
+
+class TestHeterogeneousQuadratic:
+    def test_constants_by_hand(self):
+        # d = 1, m = 2: f_1 = ½·1·(x − 2)², f_2 = ½·3·(x + 2)²; F = ½·2·(x − x̄*)² + f_inf with
+        # x̄* = (1·2 + 3·(−2))/4 = −1, f_inf = ½[½·1·9 + ½·3·1] = 3; L = 3
+        p = problems.HeterogeneousQuadratic([[1.0], [3.0]], 0.5, [[2.0], [-2.0]], [1.0], growth=1.0)
+        assert p.L == 3.0 and p.eigenvalues[0] == 2.0 and p.x_star[0] == pytest.approx(-1.0)
+        assert p.f_inf == pytest.approx(3.0) and p.f_gap == pytest.approx(0.5 * 2 * 4)
+        # ∇f_i − ∇F at x = −1 + e: worker 1: (e − 3) − 2e = −e − 3, worker 2: 3(e + 1) − 2e = e + 3
+        # → mean of squares (e + 3)²; with ∇F = 2e and B = 1: sup_e (e + 3)² − 4e² = 12 at e = 1
+        assert p.growth_min == pytest.approx(0.25) and p.zeta2 == pytest.approx(12.0)
+        assert p.heterogeneity == pytest.approx(9.0)  # at the minimiser, e = 0
+
+    @pytest.mark.parametrize("rotate", [False, True])
+    def test_dissimilarity_bound_holds_and_is_tight(self, rotate):
+        p = problems.heterogeneous_quadratic(4, 5, sigma2=0.3, optima_spread=2.0, hessian_spread=0.8, seed=1,
+                                             rotate=rotate)
+        rng = np.random.default_rng(0)
+        worst = 0.0
+        for scale in (0.1, 1.0, 10.0, 100.0):
+            for _ in range(200):
+                x = p.x_star + scale * rng.normal(size=4)
+                g = p.A @ (x - p.x_star)
+                lhs = _dissimilarity(p.worker_grad_np(x))
+                assert lhs <= p.zeta2 + p.growth * g @ g + 1e-9
+                worst = max(worst, lhs - p.growth * g @ g)
+        assert worst >= 0.5 * p.zeta2  # random points get near the supremum: ζ̄² is not vacuous
+        assert _dissimilarity(p.worker_grad_np(p.x_star)) == pytest.approx(p.heterogeneity)
+
+    def test_worker_gradients_are_the_hessians_applied(self):
+        p = problems.heterogeneous_quadratic(3, 4, seed=2, rotate=True)
+        x = np.array([0.3, -1.0, 2.0])
+        lam = p.worker_eigenvalues
+        q = p.rotation
+        for i in range(4):
+            a_i = q @ np.diag(lam[i]) @ q.T
+            assert np.allclose(p.worker_grad_np(x)[i], a_i @ (x - p.optima[i]))
+        assert np.allclose(p.worker_grad_np(x).mean(0), p.A @ (x - p.x_star))  # ∇F = Ā(x − x̄*)
+        assert p.L == pytest.approx(max(np.linalg.eigvalsh(q @ np.diag(l) @ q.T).max() for l in lam))
+
+    def test_stochastic_gradient_mean_and_variance(self):
+        p = problems.heterogeneous_quadratic(4, 3, sigma2=0.8, seed=0, hessian_spread=0.9)
+        x = np.array([0.3, -1.0, 2.0, 0.5])
+        g = _draws(p, x, worker=2)
+        want = p.worker_grad_np(x)[2]
+        se = np.sqrt(0.8 / 4 / N_DRAWS)
+        assert np.all(np.abs(g.mean(0) - want) < 5 * se + 1e-5)
+        var = ((g - want) ** 2).sum(1)
+        assert var.mean() == pytest.approx(0.8, abs=5 * var.std() / np.sqrt(N_DRAWS))
+
+    def test_identical_hessians_reduce_to_the_quadratic(self):
+        p = problems.heterogeneous_quadratic(3, 4, hessian_spread=0.0, optima_spread=2.0, seed=5)
+        assert p.growth == 0.0 and p.zeta2 == pytest.approx(p.heterogeneity) and not p.identical
+        assert problems.quadratic(3).identical
+
+    @pytest.mark.parametrize("kwargs, match", [(dict(hessian_spread=1.0), "hessian_spread"),
+                                               (dict(optima_spread=-1.0), "optima_spread"), (dict(m=0), "m must")])
+    def test_bad_input(self, kwargs, match):
+        args = dict(d=3, m=4)
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=match):
+            problems.heterogeneous_quadratic(**args)
+
+    def test_growth_below_the_minimum_is_refused(self):
+        p = problems.heterogeneous_quadratic(3, 4, seed=0)
+        with pytest.raises(ValueError, match="must exceed B0"):
+            p.dissimilarity(0.5 * p.growth_min)
+
+
+class TestNonIIDLogistic:
+    P = problems.noniid_logistic_regression(4, 64, 5, heterogeneity=1.5, batch_size=2, seed=3)
+
+    def test_constants(self):
+        p = self.P
+        a = p.worker_features
+        assert p.L == pytest.approx(max(np.linalg.eigvalsh(a[i].T @ a[i] / 64).max() for i in range(4)) / 4 + p.reg)
+        assert p.sigma2 == pytest.approx(np.mean((a**2).sum(2)) / 2)
+        g = p.worker_grad_np(p.x_star).mean(0)
+        assert np.linalg.norm(g) < 1e-9  # the minimiser of F
+        assert 0 < p.heterogeneity <= p.zeta2 and p.growth == 0.0
+
+    def test_dissimilarity_bound_holds_everywhere(self):
+        p = self.P
+        rng = np.random.default_rng(1)
+        for scale in (0.1, 1.0, 10.0, 1000.0):
+            for _ in range(50):
+                x = scale * rng.normal(size=5)
+                assert _dissimilarity(p.worker_grad_np(x)) <= p.zeta2
+
+    def test_each_worker_samples_only_its_own_data(self):
+        p = self.P
+        x = np.array([0.5, -0.5, 1.0, 0.2, 0.0])
+        for worker in (0, 3):
+            g = _draws(p, x, worker=worker, n=4000)
+            want = p.worker_grad_np(x)[worker]
+            a, y = p.worker_features[worker], p.worker_targets[worker]
+            per = a * (-y / (1.0 + np.exp(y * (a @ x))))[:, None] + p.reg * x
+            var = ((per - want) ** 2).sum(1).mean() / 2
+            assert np.all(np.abs(g.mean(0) - want) < 5 * np.sqrt(var / 4000) + 1e-5)
+            assert var <= p.sigma2
+        # the global gradient averages the workers'
+        assert np.allclose(np.asarray(p.grad(jnp.asarray(x, jnp.float32))), p.worker_grad_np(x).mean(0), atol=1e-5)

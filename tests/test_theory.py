@@ -110,11 +110,34 @@ class TestBoundFor:
         with pytest.raises(ValueError, match="constant period"):
             theory.bound_for(algo, eta=0.05, **C)
 
-    def test_time_varying_uses_contraction(self):
-        # cyclic [I, J] on n = 2: E[W^T W] - J = (I + J)/2 - J = (I - J)/2 -> contraction 0.5
-        algo = coopsgd.Algorithm(schedules.cyclic([np.eye(2), mixing.averaging(2)]), tau=1)
+    def test_deterministic_cycle_uses_its_worst_mixing(self):
+        # cycle [W_a, W_b] on n = 2 with ζ(W_a) = 0.5, ζ(W_b) = 0.2: rho = max ζ² = 0.25 (not the
+        # cycle average of WᵀW, which is no rate for the window that uses W_a)
+        wa = np.array([[0.75, 0.25], [0.25, 0.75]])
+        wb = np.array([[0.6, 0.4], [0.4, 0.6]])
+        algo = coopsgd.Algorithm(schedules.cyclic([wa, wb]), tau=1)
         b = theory.bound_for(algo, eta=0.02, **C)
-        assert b.network == pytest.approx(0.02**2 * 4 * 3 * (2 * 0.5 / (1 - 0.5)))
+        assert b.network == pytest.approx(0.02**2 * 4 * 3 * (2 * 0.25 / (1 - 0.25)))
+
+    def test_cycle_with_a_non_contracting_mixing_is_refused(self):
+        # cyclic [I, J]: the window that mixes with I does not contract
+        algo = coopsgd.Algorithm(schedules.cyclic([np.eye(2), mixing.averaging(2)]), tau=1)
+        with pytest.raises(ValueError, match="zeta = 1"):
+            theory.bound_for(algo, eta=0.02, **C)
+
+    def test_random_w_uses_expected_gram(self):
+        # MATCHA: rho = |E[WᵀW] - J|_2, the network factor (1 + rho)/(1 - rho) tau - 1
+        algo = coopsgd.matcha(nx.cycle_graph(6), 0.5)
+        rho = theory.contraction(algo)
+        b = theory.bound_for(algo, eta=0.01, **C)
+        assert 0 < rho < 1 and b.network == pytest.approx(0.01**2 * 4 * 3 * (2 * rho / (1 - rho)))
+
+    def test_heterogeneous_data_picks_koloskova(self):
+        b = theory.bound_for(coopsgd.local_sgd(4, 2), eta=0.05, zeta2=1.0, **C)
+        assert b.theorem == "koloskova" and b.dissimilarity > 0
+        assert theory.bound_for(coopsgd.local_sgd(4, 2), eta=0.05, **C).theorem == "cooperative"
+        with pytest.raises(ValueError, match="identical data"):
+            theory.bound_for(coopsgd.local_sgd(4, 2), eta=0.05, zeta2=1.0, theorem="cooperative", **C)
 
 
 class TestStepSize:
@@ -128,9 +151,11 @@ class TestStepSize:
         assert theory.lr_condition(L=4.0, eta=0.25).eta_max == pytest.approx(0.25)
 
     def test_zeta_form(self):
-        # tau = 1, zeta = 0.5: Gamma = 1/0.25 - 1 = 3 -> eta + 3 eta^2 = 1
+        # tau = 1, zeta = 0.5: Gamma = 2 zeta^2/(1 - zeta)^2 = 2 -> eta + 2 eta^2 = 1 at eta = 1/2
         c = theory.lr_condition(L=1.0, eta=0.1, tau=1, zeta=0.5)
-        assert c.eta_max == pytest.approx((-1 + math.sqrt(13)) / 6)
+        assert c.eta_max == pytest.approx(0.5)
+        # tau = 2, zeta = 0.5: Gamma = 2*1*(1 + 1)/0.5 + 2*4*0.25/0.25 = 8 + 8 = 16 -> eta + 16 eta^2 = 1
+        assert theory.lr_condition(L=1.0, eta=0.1, tau=2, zeta=0.5).eta_max == pytest.approx((-1 + math.sqrt(65)) / 32)
         # v = 1, m = 3: linear term uses eta_eff = 3 eta / 4 ; tau = 1, zeta = 0 -> eta_max = 4/3
         assert theory.lr_condition(L=1.0, eta=0.1, m=3, v=1).eta_max == pytest.approx(4 / 3)
 

@@ -20,18 +20,38 @@ from coopsgd.app.cli import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def numpy_monte_carlo(algo, p, eta, K, S=3000, seed=0):
-    """(X − ηG) W_k written out in NumPy, independent of the engine and of the recursion."""
+def _hessians(p, m):
+    """Each worker's A_i as a d × d matrix (one shared A for an identical quadratic)."""
+    lam = np.broadcast_to(p.worker_eigenvalues, (m, p.d))
+    q = np.eye(p.d) if p.rotation is None else p.rotation
+    return np.stack([q @ np.diag(lam[i]) @ q.T for i in range(m)])
+
+
+def _random_w(sched, rng, S):
+    """S independent MATCHA draws W = I − α Σ_j B_j L_j, B_j ~ Bernoulli(p_j) (MATCHA, §3)."""
+    active = rng.random((S, len(sched.probabilities))) < sched.probabilities
+    return np.eye(sched.n) - sched.alpha * np.einsum("sj,jab->sab", active.astype(float), sched.laplacians)
+
+
+def numpy_monte_carlo(algo, p, eta, K, S=3000, seed=0, random_w=False):
+    """(X − ηG) W_k written out in NumPy, independent of the engine and of the recursion; with
+    ``random_w`` every sample path draws its own MATCHA W_k."""
     rng = np.random.default_rng(seed)
     n, m, d = algo.n, algo.m, p.d
     X = np.broadcast_to(p.x0, (S, n, d)).copy()
     opt = p.optima if len(p.optima) == m else np.repeat(p.optima, m, 0)
+    hess = _hessians(p, m)
+    abar = hess.mean(0)
+    xstar = np.linalg.solve(abar, np.einsum("iab,ib->a", hess, opt) / m)  # argmin of F, by hand
     out = np.zeros((S, K))
     for k in range(K):
-        out[:, k] = (((X.mean(1) - p.x_star) @ p.A) ** 2).sum(1)
+        out[:, k] = (((X.mean(1) - xstar) @ abar) ** 2).sum(1)
         G = np.zeros_like(X)
-        G[:, :m] = (X[:, :m] - opt) @ p.A + rng.normal(size=(S, m, d)) * math.sqrt(p.sigma2 / d)
-        X = np.einsum("ij,sid->sjd", algo.mixing_at(k), X - eta * G)
+        G[:, :m] = np.einsum("sib,iab->sia", X[:, :m] - opt, hess) + rng.normal(size=(S, m, d)) * math.sqrt(p.sigma2 / d)
+        if random_w and algo.communicates(k):
+            X = np.einsum("sij,sid->sjd", _random_w(algo.mixing, rng, S), X - eta * G)
+        else:
+            X = np.einsum("ij,sid->sjd", algo.mixing_at(k), X - eta * G)
     return out  # (S, K)
 
 
@@ -71,6 +91,39 @@ class TestExactRecursion:
         exact = exact_expected_error(algo, p, 0.3, 30)
         runs = numpy_monte_carlo(algo, p, 0.3, 30, S=4000).mean(1)
         assert abs(runs.mean() - exact) < 4 * runs.std(ddof=1) / math.sqrt(len(runs))
+
+    @pytest.mark.parametrize("algo", [coopsgd.local_sgd(4, 3), coopsgd.easgd(4, 2),
+                                      coopsgd.decentralized_periodic(nx.cycle_graph(4), 2)],
+                             ids=["local_sgd", "easgd", "ring"])
+    def test_per_worker_hessians(self, algo):
+        p = problems.heterogeneous_quadratic(3, 4, sigma2=0.5, optima_spread=3.0, hessian_spread=0.9, seed=4,
+                                             rotate=True)
+        exact = exact_error_curve(algo, p, 0.3, 20)
+        runs = numpy_monte_carlo(algo, p, 0.3, 20, S=4000)
+        mc, se = runs.mean(0), runs.std(0, ddof=1) / math.sqrt(len(runs))
+        assert np.all(np.abs(mc - exact) <= 4.5 * se + 1e-9 * exact)
+
+    def test_random_w_in_expectation(self):
+        # MATCHA: the recursion through E[W] and E[W ⊗ W] against paths that each draw their own W_k
+        algo = coopsgd.matcha(nx.cycle_graph(5), 0.5, seed=3, tau=2)
+        p = problems.heterogeneous_quadratic(2, 5, sigma2=0.2, optima_spread=5.0, hessian_spread=0.9, seed=1)
+        expected = exact_error_curve(algo, p, 0.3, 20)
+        runs = numpy_monte_carlo(algo, p, 0.3, 20, S=6000, random_w=True)
+        mc, se = runs.mean(0), runs.std(0, ddof=1) / math.sqrt(len(runs))
+        assert np.all(np.abs(mc - expected) <= 4.5 * se + 1e-9 * expected)
+        realised = exact_error_curve(algo, p, 0.3, 20, over_w="realised")  # one seeded draw: another value
+        assert np.max(np.abs(realised / expected - 1)) > 1e-4
+
+    def test_heterogeneous_hessians_make_the_network_show(self):
+        # [derived] (1/m)Σ A_i x^(i) ≠ Ā u: the averaged model now depends on τ and on ζ (monotonically here)
+        p = problems.heterogeneous_quadratic(10, 8, mu=0.1, sigma2=1.0, optima_spread=10.0, hessian_spread=0.9)
+        taus = [exact_expected_error(coopsgd.local_sgd(8, t), p, 0.05, 400) for t in (1, 2, 4, 8, 16)]
+        assert all(b > a * 1.005 for a, b in zip(taus, taus[1:]))
+        assert taus[-1] > 1.15 * taus[0]
+        graphs = [nx.complete_graph(8), nx.hypercube_graph(3), nx.cycle_graph(8)]  # ζ = 0, 0.5, 0.80
+        zetas = [exact_expected_error(coopsgd.dpsgd(nx.convert_node_labels_to_integers(g)), p, 0.05, 400)
+                 for g in graphs]
+        assert zetas[0] < zetas[1] < zetas[2]
 
     def test_average_of_a_quadratic_ignores_the_network(self):
         # [derived] v = 0 and linear gradients: u_{k+1} = u_k − η A (u_k − x̄*) − η ξ̄ for every W
@@ -137,10 +190,20 @@ class TestHarness:
         with pytest.raises(ValueError, match="symmetric"):
             verify.check_bound(coopsgd.overlap_local_sgd(4, 2, 0.5), QUAD, 0.1, 10, 4)
 
-    def test_heterogeneous_problem_is_outside_the_theorem(self):
+    def test_heterogeneous_problem_is_held_to_koloskova(self):
         p = problems.quadratic(5, m=4, heterogeneity=2.0)
         r = verify.check_bound(coopsgd.local_sgd(4, 2), p, 0.1, 20, 4)
-        assert not r.applies and "per-worker optima" in r.note
+        assert r.applies and r.holds and r.theorem == "koloskova" and r.decided_by == "exact"
+        assert r.bound.dissimilarity > 0 and r.constants["zeta2"] == pytest.approx(p.heterogeneity)
+
+    def test_the_exact_value_decides_the_edge_case(self):
+        # the Monte-Carlo mean of this run is above the bound by about half a standard error, the
+        # exact value below it: the verdict is the exact one
+        algo = coopsgd.easgd(1, 1, 0.5)
+        p = problems.quadratic(1, 1.0, 1.0, 1.0, 0)
+        r = verify.check_bound(algo, p, 2.0, 300, 100)
+        assert r.exact < r.bound.total < r.empirical and r.holds and r.decided_by == "exact"
+        assert r.lower < r.bound.total  # the Monte Carlo alone would not have called it either
 
     def test_step_size_outside_the_condition_warns(self):
         with pytest.warns(theory.StepSizeWarning):
@@ -152,6 +215,24 @@ class TestHarness:
             verify.check_bound(coopsgd.fully_sync(2), QUAD, 0.1, 10, 1)
         with pytest.raises(ValueError, match="eta"):
             verify.check_bound(coopsgd.fully_sync(2), QUAD, -0.1, 10, 4)
+
+
+class TestVerdict:
+    def test_exact_decides(self):
+        assert verify.verdict(1.0, exact=0.99, per_seed=[5.0, 6.0])[:2] == (True, "exact")
+        assert verify.verdict(1.0, exact=1.01)[:2] == (False, "exact")
+
+    def test_one_sided_t_bound_by_hand(self):
+        # 100 values, mean 1.01, sample sd 0.05 -> s.e. 0.005; t_{0.999, 99} = 3.1746 (tables)
+        x = np.r_[np.full(50, 1.01 - 0.05 * math.sqrt(99 / 100)), np.full(50, 1.01 + 0.05 * math.sqrt(99 / 100))]
+        assert x.std(ddof=1) == pytest.approx(0.05)
+        holds, rule, lower = verify.verdict(1.0, per_seed=x)
+        assert lower == pytest.approx(1.01 - 3.1746 * 0.005, abs=1e-4) and holds and rule == "MC 99.9% one-sided"
+        assert not verify.verdict(0.99, per_seed=x)[0]  # 0.9941 > 0.99: declared above
+        assert not verify.verdict(1.0, per_seed=x, confidence=0.5)[0]  # at 50 %: the mean itself decides
+
+    def test_diverged_runs_do_not_hold(self):
+        assert not verify.verdict(1.0, per_seed=[0.1, np.inf])[0]
 
 
 class TestErrorFloor:
@@ -185,33 +266,64 @@ class TestErrorFloor:
         assert mean > 3 * se
 
 
-def _row(label, tau, empirical, applies=True):
+CONSTS = dict(L=1.0, sigma2=1.0, f_gap=1.0, zeta2=0.0, growth=0.0)
+
+
+def _row(label, tau, empirical, applies=True, exact=True):
     bound = theory.cooperative_bound(L=1.0, sigma2=1.0, f_gap=1.0, eta=0.1, m=4, tau=tau, zeta=0.0, K=100)
     return verify.BoundCheck(
-        algorithm="local_sgd", problem="quadratic", m=4, tau=tau, v=0, zeta=0.0, eta=0.1, K=100, seeds=8,
-        empirical=empirical, stderr=0.001, exact=empirical * 1.01, local_models=empirical * 1.2, bound=bound,
-        ratio=empirical / bound.total, holds=empirical <= bound.total, applies=applies, lr_ok=applies,
-        eta_max=0.5, note="" if applies else "eta > eta_max = 0.5", label=label)
+        algorithm="local_sgd", problem="quadratic(d=3)", m=4, tau=tau, v=0, zeta=0.0, eta=0.1, K=100, seeds=8,
+        empirical=empirical, stderr=0.001, exact=empirical * 1.01 if exact else None, local_models=empirical * 1.2,
+        bound=bound, ratio=empirical / bound.total, holds=empirical <= bound.total, applies=applies, lr_ok=applies,
+        eta_max=0.5, note="" if applies else "eta > eta_max = 0.5", label=label,
+        decided_by="exact" if exact else "MC 99.9% one-sided", constants=CONSTS)
+
+
+def _legend(ax):
+    legend = ax.get_legend()
+    return [t.get_text() for t in legend.get_texts()] if legend else []
 
 
 class TestOutput:
     def test_table(self):
-        rows = [_row("a", 1, 0.1), _row("b", 4, 0.3), _row("c", 8, 9.0, applies=False)]
-        table = verify.format_table(rows).splitlines()
+        rows = [_row("a", 1, 0.1), _row("b", 4, 0.3), _row("c", 8, 9.0, applies=False, exact=False)]
+        lines = verify.format_table(rows).splitlines()
+        assert lines[0] == "> problem: quadratic(d=3) — L = 1, σ² = 1, F(u₁) − F_inf = 1, ζ̄² = 0 (identical data)"
+        assert lines[1].startswith("> bound: Wang & Joshi 2021") and "averaged model" in lines[2]
+        table = [line for line in lines if line.startswith("|")]
         assert len(table) == 5 and table[2].startswith("| a | 4 | 1 |") and table[3].startswith("| b | 4 | 4 |")
-        assert table[2].endswith("| yes |") and "no (n/a) (eta > eta_max = 0.5)" in table[4]
+        assert table[2].endswith("| Thm 1 (W&J) | exact | yes |")
+        assert "| MC 99.9% one-sided | no (n/a) (eta > eta_max = 0.5) |" in table[4]
         bad = _row("d", 1, 9.0)
         assert bad.violated and "**NO**" in verify.format_table([bad])
 
-    def test_plot(self, tmp_path):
+    def test_plot_draws_the_swept_parameter_and_only_what_is_drawn(self):
+        from coopsgd.analysis import report
+
+        rows = [_row("a", 1, 0.1), _row("b", 4, 0.3), _row("c", 8, 0.5)]
+        fig = report.draw({"τ": ("τ (period)", [1, 4, 8], rows)}, title="local_sgd: m = 4")
+        ax = fig.axes[0]
+        labels = _legend(ax)
+        assert "bound (assumptions hold)" in labels and not any("beyond" in lab for lab in labels)
+        assert "exact (recursion)" in labels and "network term of the bound" in labels
+        assert ax.get_xlabel() == "τ (period)" and [t.get_text() for t in ax.get_xticklabels()] == ["1", "4", "8"]
+        assert ax.get_yscale() == "symlog"  # the network term is 0 at τ = 1 and stays on the figure
+        assert fig._suptitle.get_text() == "local_sgd: m = 4"
+        outside = [_row("a", 2, 0.1), _row("c", 8, 9.0, applies=False, exact=False)]
+        ax = report.draw({"x": ("τ", [2, 8], outside)}).axes[0]
+        assert ax.get_yscale() == "log" and "bound, η beyond its step-size condition" in _legend(ax)
+        assert "exact (recursion)" in _legend(ax)  # one of the two rows has it
+
+    def test_plot_file(self, tmp_path):
         rows = [_row("a", 1, 0.1), _row("b", 4, 0.3), _row("c", 8, 9.0, applies=False)]
-        path = verify.plot({"τ": ("τ", [1, 4, 8], rows), "ζ": ("ζ", [0, 0.5, 0.9], rows)}, tmp_path / "x.png")
+        path = verify.plot({"τ": ("τ", [1, 4, 8], rows), "ζ": ("ζ", [0, 0.5, 0.5], rows)}, tmp_path / "x.png")
         assert os.path.getsize(path) > 1000
 
     def test_as_dict_is_json(self):
         d = _row("a", 2, 0.1).as_dict()
         json.dumps(d)
-        assert set(d["bound"]) == {"optimization", "noise", "network", "total"} and d["violated"] is False
+        assert set(d["bound"]) == {"optimization", "noise", "network", "total", "dissimilarity", "theorem"}
+        assert d["violated"] is False and d["theorem"] == "cooperative" and d["constants"]["L"] == 1.0
 
 
 class TestCLI:
@@ -221,6 +333,7 @@ class TestCLI:
         captured = capsys.readouterr()
         assert code == 0 and "2 of 2 rows hold" in captured.out
         assert captured.out.count("| local_sgd | 4 |") == 2
+        assert "> problem: quadratic(d=10) — L = 1, σ² = 1" in captured.out
         assert "--topology is ignored for local_sgd" in captured.err
 
     def test_json(self, capsys):
@@ -229,7 +342,7 @@ class TestCLI:
         data = json.loads(capsys.readouterr().out)
         assert code == 0 and data["holds"] and data["violations"] == 0
         row = data["rows"][0]
-        assert {"empirical", "stderr", "bound", "ratio", "holds"} <= set(row)
+        assert {"empirical", "stderr", "bound", "ratio", "holds", "decided_by", "theorem", "constants"} <= set(row)
 
     def test_exit_one_when_a_row_does_not_hold(self, capsys):
         code = main(["verify", "--algorithm", "fully_sync", "--workers", "2", "--lr", "3.0",
@@ -237,20 +350,61 @@ class TestCLI:
         captured = capsys.readouterr()
         assert code == 1 and "exceed the bound outside its assumptions" in captured.out
 
+    def test_the_edge_case_holds(self, capsys):
+        code = main(["verify", "-a", "easgd", "-m", "1", "--easgd-alpha", "0.5", "--lr", "2", "-d", "1", "--mu", "1",
+                     "--sigma2", "1", "-K", "300", "--seed", "0"])
+        out = capsys.readouterr().out
+        assert code == 0 and "VIOLATE" not in out and "| 0.9967 |" in out and "| exact | yes |" in out
+
+    def test_heterogeneity_runs_under_koloskova(self, capsys, tmp_path):
+        png = tmp_path / "tau.png"
+        code = main(["verify", "-a", "local_sgd", "-m", "4", "--tau", "1", "4", "--heterogeneity", "3", "--lr", "0.05",
+                     "-K", "60", "--seeds", "4", "-d", "4", "--plot", str(png)])
+        out = capsys.readouterr().out
+        assert code == 0 and "outside" not in out and "Koloskova" in out and "ζ̄² =" in out
+        assert out.count("| exact | yes |") == 2 and png.exists()
+
+    def test_noniid_logistic_is_decided_by_the_confidence_bound(self, capsys):
+        code = main(["verify", "-a", "dpsgd", "-m", "4", "--topology", "ring", "--problem", "noniid_logistic",
+                     "--lr", "0.05", "-K", "40", "--seeds", "8", "-d", "4"])
+        out = capsys.readouterr().out
+        assert code == 0 and "| Koloskova | MC 99.9% one-sided | yes |" in out
+
+    def test_every_option_shows_its_default(self):
+        from coopsgd.app.cli import build_parser
+
+        parser, _ = build_parser(["verify"])
+        sub = next(a for a in parser._actions if a.dest == "command").choices["verify"]
+        helps = {a.option_strings[0]: a.help for a in sub._actions
+                 if a.option_strings and a.help not in (None, "==SUPPRESS==") and a.dest != "help"}
+        assert {"--easgd-alpha", "--plot", "--heterogeneity", "--confidence"} <= set(helps)
+        missing = [opt for opt, text in helps.items() if "default" not in text and "required" not in text]
+        assert not missing
+        assert "x-axis" in helps["--plot"] and "swept" in helps["--plot"]
+
     @pytest.mark.parametrize(
         "argv, match",
         [
             (["--algorithm", "sgdd"], "valid algorithm names: fully_sync, local_sgd"),
             (["--algorithm", "dpsgd", "--topology", "moebius"], "valid topology names: ring"),
-            (["--algorithm", "overlap_local_sgd", "--alpha", "0.5", "--tau", "2"], "symmetric"),
+            (["--algorithm", "overlap_local_sgd", "--easgd-alpha", "0.5", "--tau", "2"], "symmetric"),
             (["--algorithm", "dpsgd", "--tau", "4"], "decentralized_periodic"),
             (["--algorithm", "local_sgd", "--seeds", "1"], "--seeds"),
             (["--algorithm", "local_sgd", "--lr", "-1"], "--lr"),
             (["--algorithm", "local_sgd", "--steps", "x"], "invalid int"),
-            (["--algorithm", "easgd", "--alpha", "5"], "alpha"),
+            (["--algorithm", "easgd", "--easgd-alpha", "5"], "alpha"),
+            (["--algorithm", "easgd", "--alpha", "0.5"], "--alpha was renamed: use --easgd-alpha"),
             (["--algorithm", "local_sgd", "--dim", "0"], "d must be"),
             (["--algorithm", "local_sgd", "--plot", "/nonexistent/dir/x.png"], "does not exist"),
             (["--algorithm", "local_sgd", "--problem", "mnist"], "valid problem names: quadratic"),
+            (["--algorithm", "local_sgd", "--confidence", "1.5"], "--confidence must lie in [0.5, 1)"),
+            (["--algorithm", "local_sgd", "--hessian-spread", "1.2"], "--hessian-spread must lie in [0, 1)"),
+            (["--algorithm", "local_sgd", "--problem", "logistic_regression", "--hessian-spread", "0.5"],
+             "applies to --problem quadratic only"),
+            (["--algorithm", "local_sgd", "--heterogeneity", "-1"], "--heterogeneity must be >= 0"),
+            (["--algorithm", "local_sgd", "--problem", "linear_regression", "--heterogeneity", "1"],
+             "not linear_regression"),
+            (["--algorithm", "local_sgd", "--heterogeneity", "1", "-m", "2", "4"], "single --workers"),
         ],
     )
     def test_bad_input_exit_two(self, argv, match, capsys):

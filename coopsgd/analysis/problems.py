@@ -9,8 +9,9 @@ carry its noise in the batch: a batch for one worker is ``{"key": uint32[2], "wo
 (see :meth:`Problem.batch`). Nothing is stored per sample, and vmapping over seeds only vmaps keys.
 
 - :func:`quadratic` — ``F(x) = (1/m) Σ_i ½ (x − x_i*)ᵀ A (x − x_i*)``, ``μ I ⪯ A ⪯ L I``, with
-  additive Gaussian noise ``ξ ~ N(0, σ²/d · I)``: the assumption holds with equality and every
-  constant is exact. Optional per-worker optima ``x_i*`` model heterogeneous data.
+  additive Gaussian noise ``ξ ~ N(0, σ²/d · I)``: every constant is exact. Optional per-worker
+  optima; :func:`heterogeneous_quadratic` and :func:`noniid_logistic_regression` (module
+  :mod:`coopsgd.analysis.noniid`) add per-worker Hessians and non-IID data.
 - :func:`linear_regression` — least squares on generated data, mini-batches sampled with
   replacement; σ² is bounded on the initial sublevel set (stated in the function).
 - :func:`logistic_regression` — ℓ2-regularised logistic loss on generated data; σ² is a global
@@ -26,12 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "HeterogeneousQuadratic",
     "LinearRegression",
     "LogisticRegression",
+    "NonIIDLogistic",
     "Problem",
     "Quadratic",
+    "heterogeneous_quadratic",
     "linear_regression",
+    "logistic_minimum",
     "logistic_regression",
+    "noniid_logistic_regression",
     "quadratic",
 ]
 
@@ -66,7 +72,10 @@ class Problem:
         f_inf: ``inf F``.
         x0: the starting point (float64 NumPy vector).
         m: number of workers the problem is built for (``None``: any; the data are identical).
-        heterogeneity: ``(1/m) Σ_i ‖∇F_i(x) − ∇F(x)‖²`` where that is constant (0 when identical).
+        heterogeneity: ``(1/m) Σ_i ‖∇F_i(x) − ∇F(x)‖²`` where that is constant, else its value at
+            the minimiser (0 when identical).
+        zeta2, growth: ζ̄² and B with ``(1/m) Σ_i ‖∇F_i(x) − ∇F(x)‖² ≤ ζ̄² + B‖∇F(x)‖²`` for every x,
+            the dissimilarity of Koloskova et al. (2020, arXiv:2003.10422); both 0 for identical data.
     """
 
     name: str
@@ -78,6 +87,13 @@ class Problem:
     x0: np.ndarray
     m: int | None = None
     heterogeneity: float = 0.0
+    zeta2: float = 0.0
+    growth: float = 0.0
+
+    @property
+    def identical(self) -> bool:
+        """Whether every worker has the same objective (ζ̄² = B = 0): Theorem 1's setting."""
+        return self.zeta2 == 0.0 and self.growth == 0.0
 
     # -- to implement -------------------------------------------------------------------------
     def value(self, x):
@@ -116,10 +132,7 @@ class Problem:
     def batch(self, key, m: int):
         """The engine batch for one step: ``{"key": uint32[m, 2], "worker": int32[m]}``, one
         independent key per worker. Pure and vmappable over ``key``."""
-        return {
-            "key": jax.random.split(key, m),
-            "worker": jnp.arange(m, dtype=jnp.int32),
-        }
+        return {"key": jax.random.split(key, m), "worker": jnp.arange(m, dtype=jnp.int32)}
 
     def batches(self, key, steps: int, m: int):
         """``steps`` batches stacked on a leading axis: leaves of shape ``(steps, m, …)``."""
@@ -129,10 +142,8 @@ class Problem:
     def check_workers(self, m: int) -> None:
         """Raise if this problem was built for a different number of workers."""
         if self.m is not None and self.m != m:
-            raise ValueError(
-                f"problem {self.name} was built with per-worker optima for m = {self.m} workers, "
-                f"but the algorithm has m = {m}"
-            )
+            raise ValueError(f"problem {self.name} was built with per-worker data for m = {self.m} workers, "
+                             f"but the algorithm has m = {m}")
 
     def __repr__(self) -> str:
         return (
@@ -168,9 +179,15 @@ class Quadratic(Problem):
         dev = self._to_eig(self.optima - self.x_star)  # (m, d) in the eigenbasis
         self.f_inf = float(0.5 * np.mean(np.sum(lam * dev**2, axis=1)))
         self.heterogeneity = float(np.mean(np.sum((lam * dev) ** 2, axis=1)))
+        self.zeta2 = self.heterogeneity  # ∇F_i − ∇F = A(x̄* − x_i*) is constant [derived]
         self.A = (
             np.diag(lam) if self.rotation is None else self.rotation @ np.diag(lam) @ self.rotation.T
         )
+
+    @property
+    def worker_eigenvalues(self) -> np.ndarray:
+        """``(m or 1, d)``: the eigenvalues of each worker's Hessian in the shared eigenbasis."""
+        return self.eigenvalues[None, :]
 
     def _to_eig(self, x):
         """Coordinates in A's eigenbasis (NumPy)."""
@@ -231,8 +248,7 @@ def quadratic(
         seed: seed of the optima (and of the rotation).
         m: number of workers, needed only with ``heterogeneity > 0``.
         heterogeneity: spread of the per-worker optima: ``x_i* = x̄* + heterogeneity · δ_i`` with
-            centred ``δ_i ~ N(0, I/d)``. Heterogeneous gradients are biased for ∇F, which is
-            outside Theorem 1's assumptions (its bound is then reported as not applying).
+            centred ``δ_i ~ N(0, I/d)``; ζ̄² = ``heterogeneity`` attribute, exact (Koloskova et al.'s bound).
         rotate: use ``A = Q diag(λ) Qᵀ`` with a random orthogonal Q instead of a diagonal A.
         x0_distance: scale of ``‖x0 − x̄*‖``.
 
@@ -265,7 +281,7 @@ def quadratic(
         q, r = np.linalg.qr(rng.normal(size=(d, d)))
         rotation = q * np.sign(np.diag(r))
         optima = optima @ rotation.T  # the same optima, expressed in the rotated basis
-    name = "quadratic" + (f"(het={heterogeneity:g})" if heterogeneity > 0 else "")
+    name = f"quadratic(d={d}" + (f", m={m}, optima {heterogeneity:g})" if heterogeneity > 0 else ")")
     return Quadratic(lam, sigma2, optima, np.zeros(d), rotation, name=name)
 
 
@@ -441,17 +457,27 @@ def logistic_regression(
     p.name, p.d, p.features, p.targets, p.batch_size, p.reg = "logistic_regression", d, a, y, batch_size, reg
     p.L = float(np.linalg.eigvalsh(a.T @ a / n_samples)[-1] / 4.0 + reg)
     p.mu = reg
-    x = np.zeros(d)
+    x = logistic_minimum(a, y, reg)
+    p.f_inf = float(np.mean(np.logaddexp(0.0, -y * (a @ x))) + 0.5 * reg * x @ x)
+    p.x_star = x
+    p.x0 = np.zeros(d)
+    p.sigma2 = float(np.mean((a**2).sum(axis=1))) / batch_size
+    return p
+
+
+def logistic_minimum(a, y, reg) -> np.ndarray:
+    """The minimiser of ``mean_j log(1 + exp(−y_j a_jᵀx)) + (λ/2)‖x‖²`` by damped Newton in float64
+    (the objective is λ-strongly convex, so the minimiser is unique)."""
+    d = a.shape[1]
 
     def f(x):
-        z = -y * (a @ x)
-        return float(np.mean(np.logaddexp(0.0, z)) + 0.5 * reg * x @ x)
+        return float(np.mean(np.logaddexp(0.0, -y * (a @ x))) + 0.5 * reg * x @ x)
 
-    for _ in range(100):  # damped Newton
-        z = -y * (a @ x)
-        s = 1.0 / (1.0 + np.exp(-z))  # sigmoid(z)
+    x = np.zeros(d)
+    for _ in range(100):
+        s = 1.0 / (1.0 + np.exp(y * (a @ x)))  # sigmoid(−y aᵀx)
         g = -(a * (y * s)[:, None]).mean(axis=0) + reg * x
-        hess = (a * (s * (1 - s))[:, None]).T @ a / n_samples + reg * np.eye(d)
+        hess = (a * (s * (1 - s))[:, None]).T @ a / len(y) + reg * np.eye(d)
         step = np.linalg.solve(hess, g)
         t = 1.0
         while f(x - t * step) > f(x) - 0.25 * t * g @ step and t > 1e-10:
@@ -459,8 +485,13 @@ def logistic_regression(
         x = x - t * step
         if np.linalg.norm(g) < 1e-13:
             break
-    p.f_inf = f(x)
-    p.x_star = x
-    p.x0 = np.zeros(d)
-    p.sigma2 = float(np.mean((a**2).sum(axis=1))) / batch_size
-    return p
+    return x
+
+
+# the heterogeneous problems build on the classes above (coopsgd.analysis.noniid)
+from coopsgd.analysis.noniid import (
+    HeterogeneousQuadratic,
+    NonIIDLogistic,
+    heterogeneous_quadratic,
+    noniid_logistic_regression,
+)

@@ -1,21 +1,25 @@
 """Convergence bounds and step-size conditions, in plain NumPy.
 
-Everything here is host-side float64 arithmetic on the constants of a problem (L, σ², F(u_1) − F_inf)
-and of an algorithm A(τ, W, v) (m, τ, v, ζ); nothing touches JAX.
+Everything here is host-side float64 arithmetic on the constants of a problem (L, σ², ζ̄²,
+F(u_1) − F_inf) and of an algorithm A(τ, W, v) (m, τ, v, and the consensus rate p = 1 − ζ²);
+nothing touches JAX. Every constant is derived step by step in ``docs/theory.md``.
 
-Sources, and how sure we are of each formula (see ``docs/theory.md`` and the project's
-``reference/math.md``):
+Sources, and how sure we are of each formula:
 
 - :func:`cooperative_bound` — Theorem 1 of Wang & Joshi, "Cooperative SGD: A unified framework for
-  the design and analysis of local-update SGD algorithms", JMLR 22(213), 2021, arXiv:1808.07576.
-  The form is **[recalled]**: its constants were not re-read in the paper; the project's numerical
-  verification (:mod:`coopsgd.analysis.verify`) is the judge.
-- :func:`lr_condition` — the local-SGD condition ``ηL + η²L²τ(τ−1) ≤ 1`` is the paper's
-  **[recalled, confident]**; the extension to ζ > 0 is **ours [open]** (see its docstring).
+  the design and analysis of local-update SGD algorithms", JMLR 22(213), 2021, arXiv:1808.07576
+  (identical data). The three-term form is the paper's **[recalled]**, and docs/theory.md §2
+  re-derives it by the descent lemma with the same constants.
+- :func:`lr_condition` — ``η_eff L + η² L² Γ(τ, ζ) ≤ 1`` with Γ from
+  :func:`coopsgd.analysis.consensus.gamma`, **[derived]** in docs/theory.md §2.5; at ζ = 0, v = 0 it
+  is the paper's local-SGD condition ``ηL + η²L²τ(τ − 1) ≤ 1`` **[recalled, confident]**.
+- :func:`bound_for` — picks Theorem 1 (identical data) or Koloskova et al. 2020's non-convex bound
+  (heterogeneous data, :mod:`coopsgd.analysis.koloskova`) and says which in ``Bound.theorem``.
 - the error–runtime trade-off of local SGD (AdaComm's runtime bound and τ*) is in
   :mod:`coopsgd.analysis.tradeoff`.
-- :func:`contraction`, :func:`matching_contraction` — ``‖E[WᵀW] − J‖₂``, the quantity that replaces
-  ζ² for time-varying W (Cooperative SGD §5; Wang et al., "MATCHA", arXiv:1905.09435, Theorem 1).
+- :func:`contraction`, :func:`matching_contraction` — ``‖E[WᵀW] − J‖₂``, the ρ = 1 − p of i.i.d.
+  random W (Koloskova et al. 2020, arXiv:2003.10422, Assumption 4; Wang et al., "MATCHA",
+  arXiv:1905.09435, Theorem 1).
 """
 
 from __future__ import annotations
@@ -28,12 +32,23 @@ from typing import NamedTuple
 import numpy as np
 
 from coopsgd.algorithms import matcha as _matcha
+from coopsgd.analysis import koloskova
+from coopsgd.analysis.consensus import (
+    THEOREMS,
+    Bound,
+    LRCondition,
+    StepSizeWarning,
+    consensus_rate,
+    gamma,
+    noise_factor,
+)
 from coopsgd.core import schedules
 from coopsgd.core.operator import as_operator
 from coopsgd.core.validate import require_int as _integer
 from coopsgd.core.validate import require_number
 
 __all__ = [
+    "THEOREMS",
     "Bound",
     "LRCondition",
     "OptimalLR",
@@ -47,33 +62,9 @@ __all__ = [
     "matching_contraction",
     "network_factor",
     "optimal_lr",
+    "step_size_for",
+    "which_theorem",
 ]
-
-
-class StepSizeWarning(UserWarning):
-    """η lies outside the step-size condition under which the bound is claimed."""
-
-
-class Bound(NamedTuple):
-    """The three terms of Theorem 1 of Cooperative SGD and their sum (a bound on
-    ``(1/K) Σ_{k=1..K} E‖∇F(u_k)‖²``)."""
-
-    optimization: float
-    """``2 [F(u_1) − F_inf] / (η_eff K)``."""
-    noise: float
-    """``η_eff L σ² / m``: the mini-batch noise floor."""
-    network: float
-    """``η² L² σ² ((1 + ζ²)/(1 − ζ²) · τ − 1)``: the price of local steps and sparse mixing."""
-    total: float
-
-
-class LRCondition(NamedTuple):
-    """Whether η satisfies the step-size condition, its left-hand side, and the largest η that does."""
-
-    ok: bool
-    value: float
-    """``η_eff L + η² L² Γ(τ, ζ)``; the condition is ``value ≤ 1``."""
-    eta_max: float
 
 
 class OptimalLR(NamedTuple):
@@ -110,11 +101,11 @@ def network_factor(tau: int, zeta: float) -> float:
     """``(1 + ζ²)/(1 − ζ²) · τ − 1``, the factor of ``η²L²σ²`` in the network-error term.
 
     Equals ``τ − 1`` for exact averaging (ζ = 0) and ``2ζ²/(1 − ζ²)`` for τ = 1 (D-PSGD).
-    Source: Theorem 1 of Wang & Joshi, Cooperative SGD, arXiv:1808.07576 [recalled].
+    Source: Theorem 1 of Wang & Joshi, Cooperative SGD, arXiv:1808.07576 [recalled]; derived in
+    docs/theory.md §2.3 (:func:`coopsgd.analysis.consensus.noise_factor` with ρ = ζ²).
     """
     tau = _integer("tau", tau, 1)
-    z2 = _zeta(zeta) ** 2
-    return (tau - 1.0) + tau * 2.0 * z2 / (1.0 - z2)  # the same, without cancellation at small ζ
+    return noise_factor(tau, _zeta(zeta) ** 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,8 +115,8 @@ def network_factor(tau: int, zeta: float) -> float:
 def cooperative_bound(*, L, sigma2, f_gap, eta, m, tau, zeta, K, v=0, warn: bool = True) -> Bound:
     """Theorem 1 of Cooperative SGD: a bound on the average squared gradient norm of the averaged model.
 
-    For A(τ, W, v) with m workers, all columns started at the same point u_1, and
-    u_k = X_k 1 / (m + v)::
+    For A(τ, W, v) with m workers on identical data, all columns started at the same point u_1,
+    and u_k = X_k 1 / (m + v)::
 
         (1/K) Σ_{k=1..K} E‖∇F(u_k)‖²
             ≤ 2 [F(u_1) − F_inf] / (η_eff K)           (optimization)
@@ -136,24 +127,24 @@ def cooperative_bound(*, L, sigma2, f_gap, eta, m, tau, zeta, K, v=0, warn: bool
 
     Assumptions: F is L-smooth and bounded below by F_inf; stochastic gradients are unbiased with
     ``E‖g − ∇F‖² ≤ σ²`` (identically distributed data across workers); W is symmetric and doubly
-    stochastic with ζ < 1 (for a time-varying W, ζ² is replaced by ``‖E[WᵀW] − J‖₂``, see
-    :func:`contraction`); η satisfies :func:`lr_condition` (outside it this function warns with
-    :class:`StepSizeWarning` and still returns the formula's value).
+    stochastic with ζ < 1 (for i.i.d. random W, ζ² is replaced by ``ρ = ‖E[WᵀW] − J‖₂``, see
+    :func:`coopsgd.analysis.consensus.consensus_rate`); η satisfies :func:`lr_condition` (outside it
+    this function warns with :class:`StepSizeWarning` and still returns the formula's value).
 
     Args:
         L: smoothness constant, > 0.
-        sigma2: gradient-noise variance σ² per worker, ≥ 0.
+        sigma2: gradient-noise variance σ² per worker (the workers' average), ≥ 0.
         f_gap: ``F(u_1) − F_inf``, ≥ 0.
         eta: learning rate η, > 0.
         m: number of workers, ≥ 1.
         tau: communication period τ, ≥ 1.
-        zeta: ζ of W (or ``sqrt(‖E[WᵀW] − J‖₂)`` for a time-varying W), in [0, 1).
+        zeta: ζ of W (or ``sqrt(ρ)`` for a random W), in [0, 1).
         K: number of iterations, ≥ 1.
         v: number of auxiliary variables, ≥ 0.
         warn: whether to warn when η breaks the step-size condition.
 
     Returns:
-        A :class:`Bound` with the three terms and their total.
+        A :class:`Bound` with the three terms and their total (``theorem = "cooperative"``).
 
     Raises:
         ValueError: naming the constant that breaks an assumption (ζ ≥ 1, L ≤ 0, η ≤ 0, …).
@@ -165,8 +156,7 @@ def cooperative_bound(*, L, sigma2, f_gap, eta, m, tau, zeta, K, v=0, warn: bool
 
     References:
         Wang & Joshi, "Cooperative SGD", JMLR 22(213), 2021, arXiv:1808.07576, Theorem 1
-        [recalled: the constants were not re-read in the paper; the limits ζ = 0, τ = 1 and W = J
-        reduce to the mini-batch SGD, local SGD and D-PSGD bounds].
+        [recalled; re-derived with the same constants in docs/theory.md §2].
     """
     L = _positive("L", L, why=" (F must be L-smooth)")
     sigma2 = _positive("sigma2", sigma2, allow_zero=True, why=" (a variance)")
@@ -190,77 +180,77 @@ def cooperative_bound(*, L, sigma2, f_gap, eta, m, tau, zeta, K, v=0, warn: bool
     optimization = 2.0 * f_gap / (eta_eff * K)
     noise = eta_eff * L * sigma2 / m
     network = eta**2 * L**2 * sigma2 * factor
-    return Bound(optimization, noise, network, optimization + noise + network)
+    return Bound(optimization, noise, network, optimization + noise + network, 0.0, "cooperative")
 
 
-def _algorithm_constants(algorithm) -> tuple[int, int, int, float]:
-    """(m, τ, v, ζ) of an Algorithm, refusing those outside Theorem 1."""
-    if not algorithm.symmetric:
-        raise ValueError(
-            f"Theorem 1 of Cooperative SGD assumes a symmetric doubly stochastic W, but "
-            f"{algorithm.name}'s W is only column-stochastic (not symmetric); no bound applies"
-        )
-    tau = algorithm.tau
-    if not isinstance(tau, int):
-        raise ValueError(
-            f"Theorem 1 of Cooperative SGD assumes a constant period, but {algorithm.name} has "
-            f"tau = {tau!r}"
-        )
-    try:
-        zeta = algorithm.zeta
-    except NotImplementedError as err:
-        raise ValueError(
-            f"the bound needs E[W^T W] in closed form for {algorithm.name}'s mixing schedule: {err}"
-        ) from None
-    if zeta >= 1.0 - 1e-12:
-        raise ValueError(
-            f"Theorem 1 of Cooperative SGD needs zeta < 1, but {algorithm.name} has "
-            f"zeta = {zeta:.6g}: its mixing never reaches consensus"
-        )
-    return algorithm.m, tau, algorithm.v, zeta
+def which_theorem(zeta2=0.0, growth=0.0, theorem: str = "auto") -> str:
+    """``"cooperative"`` (Theorem 1) for identical data (ζ̄² = 0 and no growth term B), else
+    ``"koloskova"``; ``theorem`` forces one (Theorem 1 is refused for heterogeneous data)."""
+    heterogeneous = require_number("zeta2", zeta2) > 0 or require_number("growth", growth) > 0
+    if theorem == "auto":
+        return "koloskova" if heterogeneous else "cooperative"
+    if theorem not in THEOREMS:
+        raise ValueError(f"unknown theorem {theorem!r}; valid: auto, {', '.join(THEOREMS)}")
+    if theorem == "cooperative" and heterogeneous:
+        raise ValueError("Theorem 1 of Cooperative SGD assumes identical data across workers, but zeta2 = "
+                         f"{zeta2:g}, growth = {growth:g} describe heterogeneous data; use theorem='koloskova'")
+    return theorem
 
 
-def bound_for(algorithm, *, L, sigma2, f_gap, eta, K, warn: bool = True) -> Bound:
-    """:func:`cooperative_bound` with m, τ, v and ζ read from a :class:`coopsgd.Algorithm`.
+def bound_for(algorithm, *, L, sigma2, f_gap, eta, K, warn: bool = True, zeta2=0.0, growth=0.0,
+              theorem: str = "auto") -> Bound:
+    """The bound whose assumptions the run meets, with m, τ, v and p read from a :class:`coopsgd.Algorithm`.
 
-    For a time-varying W, ζ is ``sqrt(‖E[WᵀW] − J‖₂)`` (:attr:`coopsgd.Algorithm.zeta`).
+    Identical data (``zeta2 = growth = 0``): :func:`cooperative_bound` (Theorem 1 of Cooperative SGD)
+    with ζ = √ρ; heterogeneous data, ``(1/m) Σ_i ‖∇f_i(x) − ∇F(x)‖² ≤ ζ̄² + B‖∇F(x)‖²``:
+    :func:`coopsgd.analysis.koloskova.koloskova_bound` (Koloskova et al. 2020, arXiv:2003.10422,
+    Theorem 2, constants derived in docs/theory.md §3). ``Bound.theorem`` says which.
+    ρ = 1 − p is :func:`coopsgd.analysis.consensus.consensus_rate` (ζ² for a static W).
 
     Raises:
-        ValueError: when the theorem does not apply: a W that is not symmetric (Overlap Local-SGD),
-            a period that varies, ζ ≥ 1, or non-positive constants.
+        ValueError: when no bound applies: a W that is not symmetric (Overlap Local-SGD), a period
+            that varies, ρ ≥ 1, or non-positive constants.
 
     Example:
         >>> import coopsgd
         >>> b = bound_for(coopsgd.local_sgd(4, tau=3), L=1.0, sigma2=1.0, f_gap=1.0, eta=0.1, K=100)
-        >>> round(b.total, 6)
-        0.245
+        >>> round(b.total, 6), b.theorem
+        (0.245, 'cooperative')
     """
-    m, tau, v, zeta = _algorithm_constants(algorithm)
-    return cooperative_bound(
-        L=L, sigma2=sigma2, f_gap=f_gap, eta=eta, m=m, tau=tau, zeta=zeta, K=K, v=v, warn=warn
-    )
+    rate = consensus_rate(algorithm)
+    kind = which_theorem(zeta2, growth, theorem)
+    if kind == "cooperative":
+        return cooperative_bound(L=L, sigma2=sigma2, f_gap=f_gap, eta=eta, m=algorithm.m, tau=rate.tau,
+                                 zeta=rate.q, K=K, v=algorithm.v, warn=warn)
+    return koloskova.koloskova_bound(L=L, sigma2=sigma2, zeta2=zeta2, growth=growth, f_gap=f_gap, eta=eta,
+                                     m=algorithm.m, tau=rate.tau, p=rate.p, K=K, v=algorithm.v, warn=warn)
+
+
+def step_size_for(algorithm, *, L, eta, zeta2=0.0, growth=0.0, theorem: str = "auto") -> LRCondition:
+    """The step-size condition of the bound :func:`bound_for` picks for the same arguments."""
+    rate = consensus_rate(algorithm)
+    if which_theorem(zeta2, growth, theorem) == "cooperative":
+        return lr_condition(L=L, eta=eta, m=algorithm.m, tau=rate.tau, zeta=rate.q, v=algorithm.v)
+    return koloskova.koloskova_lr_condition(L=L, eta=eta, m=algorithm.m, tau=rate.tau, p=rate.p,
+                                            v=algorithm.v, growth=growth)
 
 
 # ----------------------------------------------------------------------------------------------
 # step sizes
 
 
-def _gamma(tau: int, zeta: float) -> float:
-    """Γ(τ, ζ) = τ²/(1 − ζ)² − τ: the project's choice [open], equal to τ(τ − 1) at ζ = 0."""
-    return tau**2 / (1.0 - zeta) ** 2 - tau
-
-
 def lr_condition(*, L, eta, m=1, tau=1, zeta=0.0, v=0) -> LRCondition:
-    """The step-size condition ``η_eff L + η² L² Γ(τ, ζ) ≤ 1`` and the largest η meeting it.
+    """Theorem 1's step-size condition ``η_eff L + η² L² Γ(τ, ζ) ≤ 1`` and the largest η meeting it.
 
-    With ``Γ(τ, ζ) = τ² / (1 − ζ)² − τ`` and ``η_eff = mη/(m + v)``.
+    ``Γ(τ, ζ) = τ(τ − 1)(1 + 2ζ)/(1 − ζ) + 2τ²ζ²/(1 − ζ)²`` and ``η_eff = mη/(m + v)``
+    (:func:`coopsgd.analysis.consensus.gamma`), **[derived]** in docs/theory.md §2.5: under it the
+    gradient part of the consensus error is absorbed by the descent lemma's negative term
+    ``−(1 − Lη_eff)(1/m)Σ_i‖∇F(x^(i))‖²``, for any v (the quadratic term keeps η, the linear η_eff).
 
     - For local SGD (ζ = 0, v = 0) this is exactly the condition of Cooperative SGD,
       ``ηL + η²L²τ(τ − 1) ≤ 1`` (Wang & Joshi, arXiv:1808.07576, Theorem 1) [recalled, confident].
-    - For ζ > 0 the paper's exact condition is **[open]**; Γ above is the project's choice: it
-      reduces to ``τ(τ − 1)`` at ζ = 0 and grows like ``τ²/(1 − ζ)²``, the scaling of the
-      consensus error over a period. With v > 0 the linear term uses η_eff (the step of the
-      averaged model); this too is ours.
+    - For ζ > 0 it replaces the former ``Γ = τ²/(1 − ζ)² − τ``, a guess that was up to 2× too
+      small (η_max up to √2 too large).
 
     Outside the condition the bound is not claimed; :func:`cooperative_bound` warns, nothing fails.
 
@@ -278,15 +268,14 @@ def lr_condition(*, L, eta, m=1, tau=1, zeta=0.0, v=0) -> LRCondition:
     v = _integer("v", v, 0)
     tau = _integer("tau", tau, 1)
     zeta = _zeta(zeta)
-    gamma = _gamma(tau, zeta)
     b = L * m / (m + v)
-    a = L**2 * gamma
+    a = L**2 * gamma(tau, zeta)
     value = b * eta + a * eta**2
     if a <= 0.0:
         eta_max = 1.0 / b
     else:  # positive root of a x² + b x − 1 = 0, written to avoid cancellation
         eta_max = 2.0 / (b + math.sqrt(b * b + 4.0 * a))
-    return LRCondition(bool(value <= 1.0 + 1e-12), float(value), float(eta_max))
+    return LRCondition(bool(value <= 1.0 + 1e-12), float(value), float(eta_max), "cooperative")
 
 
 def optimal_lr(*, L, sigma2, f_gap, m, tau, zeta, K, v=0) -> OptimalLR:
@@ -347,10 +336,12 @@ def linear_speedup_lr(*, L, sigma2, f_gap, m, tau, zeta, K) -> OptimalLR:
 
 
 def contraction(w) -> float:
-    """``‖E[W_kᵀ W_k] − J‖₂``: the quantity that replaces ζ² in the bound for time-varying W.
+    """``‖E[W_kᵀ W_k] − J‖₂``: ρ = 1 − p of an i.i.d. random W (it replaces ζ² in the bounds).
 
     Accepts a matrix (static W: ``‖WᵀW − J‖₂``, equal to ζ² when W is symmetric), a
-    :class:`coopsgd.schedules.MixingSchedule` (E over its cycle, uniform), or an Algorithm.
+    :class:`coopsgd.schedules.MixingSchedule` (E over its cycle, uniform), or an Algorithm. For a
+    deterministic cycle the uniform average is not a rate for every window, so the bounds use
+    :func:`coopsgd.analysis.consensus.consensus_rate` (the worst W^(r)) instead (docs/theory.md §2.4).
 
     References:
         Wang & Joshi, Cooperative SGD, §5; Wang et al., MATCHA, arXiv:1905.09435, Theorem 1.

@@ -1,36 +1,45 @@
-"""Put a run beside its bound: the numerical verification harness of Cooperative SGD's Theorem 1.
+"""Put a run beside its bound: the numerical verification harness.
 
 :func:`check_bound` runs the engine users run (:class:`coopsgd.CooperativeSGD` with plain SGD,
 never a second implementation of the algorithms) on a problem with known constants
 (:mod:`coopsgd.analysis.problems`), for many seeds at once (vmapped), and compares the measured
-``(1/K) Σ_{k=1..K} E‖∇F(u_k)‖²`` of the averaged model ``u_k = X_k 1/n`` with
-:func:`coopsgd.analysis.theory.bound_for`.
+``(1/K) Σ_{k=1..K} ‖∇F(u_k)‖²`` of the averaged model ``u_k = X_k 1/n`` with the bound whose
+assumptions the run meets (:func:`coopsgd.analysis.theory.bound_for`: Theorem 1 of Wang & Joshi for
+identical data, Koloskova et al. 2020's non-convex bound for heterogeneous data).
 
-:func:`coopsgd.analysis.exact.exact_expected_error` computes the same expectation without sampling
-for a quadratic; it is the reference the Monte-Carlo harness is tested against.
+The verdict (``holds``) is decided by the exact expectation
+(:func:`coopsgd.analysis.exact.exact_expected_error`) where the recursion exists (quadratics), and
+otherwise by a one-sided Student-t confidence bound on the Monte-Carlo mean: a row is declared
+above its bound only when ``mean − t_{c, S−1} · s.e.`` exceeds it (c = ``confidence``, 99.9 % by
+default), so sampling error alone breaks a true bound with probability at most 0.1 %.
 
 :func:`sweep` runs grids over τ, topology (ζ), η and m; :func:`format_table` and :func:`plot`
-turn the reports into a Markdown table and a log-scale figure.
+(:mod:`coopsgd.analysis.report`) turn the reports into a Markdown table and a figure.
 
 References:
-    Wang & Joshi, "Cooperative SGD", JMLR 22(213), 2021, arXiv:1808.07576, Theorem 1 [recalled].
+    Wang & Joshi, "Cooperative SGD", JMLR 22(213), 2021, arXiv:1808.07576, Theorem 1 [recalled];
+    Koloskova et al., ICML 2020, arXiv:2003.10422, Theorem 2 [recalled]; constants derived in
+    docs/theory.md.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
 
 from coopsgd.analysis import problems as _problems
 from coopsgd.analysis import theory
-from coopsgd.analysis.exact import check_run_args, exact_expected_error
+from coopsgd.analysis.consensus import consensus_rate
+from coopsgd.analysis.exact import check_run_args, exact_expected_error, is_random
+from coopsgd.analysis.report import format_table, plot
 from coopsgd.core.validate import require_memory
 
 __all__ = [
+    "CONFIDENCE",
     "EXACT_FLOPS",
     "BoundCheck",
     "check_bound",
@@ -38,16 +47,21 @@ __all__ = [
     "gradient_norms",
     "plot",
     "sweep",
+    "verdict",
 ]
+
+CONFIDENCE = 0.999
+"""Default level of the one-sided confidence bound that decides rows without an exact value."""
 
 
 class BoundCheck(NamedTuple):
     """One run beside its bound.
 
-    ``holds`` is ``empirical <= bound.total`` (and ``exact <= bound.total`` where the exact value is
-    known), with no allowance for sampling error. ``applies`` says whether the theorem's
-    assumptions hold for this run (identical data across workers and η within
-    :func:`coopsgd.analysis.theory.lr_condition`); a row that does not hold where it applies is a violation
+    ``holds``: ``exact <= bound.total`` where the exact value is known (``decided_by = "exact"``),
+    else ``lower <= bound.total`` with ``lower = empirical − t · stderr`` the one-sided lower
+    confidence bound of the Monte-Carlo mean (``decided_by = "MC 99.9% one-sided"``). ``applies``
+    says whether the bound's assumptions hold for this run (η within the step-size condition of
+    the chosen ``theorem``); a row that does not hold where it applies is a violation
     (:attr:`violated`), i.e. a finding.
     """
 
@@ -57,33 +71,76 @@ class BoundCheck(NamedTuple):
     tau: int
     v: int
     zeta: float
+    """√ρ: ζ of a static W, ``sqrt(‖E[WᵀW] − J‖₂)`` of a random one."""
     eta: float
     K: int
     seeds: int
     empirical: float
+    """The mean over seeds of ``(1/K) Σ_k ‖∇F(u_k)‖²``, u_k the averaged model."""
     stderr: float
     exact: float | None
     local_models: float
-    """``(1/K) Σ_k E (1/m) Σ_i ‖∇F(x_k^(i))‖²``: the workers' own models (not bounded by Thm 1;
-    it shows the consensus error, which on a quadratic never reaches the averaged model)."""
+    """``(1/K) Σ_k E (1/m) Σ_i ‖∇F(x_k^(i))‖²``: the workers' own models (not bounded)."""
     bound: theory.Bound
     ratio: float
+    """``exact / bound.total`` where the exact value is known, else ``empirical / bound.total``."""
     holds: bool
     applies: bool
     lr_ok: bool
     eta_max: float
     note: str
     label: str = ""
+    decided_by: str = ""
+    lower: float = math.nan
+    """The one-sided lower confidence bound of the Monte-Carlo mean."""
+    p: float = 1.0
+    """The expected consensus rate 1 − ρ per τ-step window."""
+    constants: dict | None = None
+    """The problem's ``L``, ``sigma2``, ``f_gap``, ``zeta2``, ``growth``."""
+
+    @property
+    def theorem(self) -> str:
+        return self.bound.theorem
 
     @property
     def violated(self) -> bool:
         return self.applies and not self.holds
 
     def as_dict(self) -> dict:
+        """The row as plain data (JSON-ready): the bound as a dict, plus ``violated`` and ``theorem``."""
         d = self._asdict()
         d["bound"] = self.bound._asdict()
         d["violated"] = self.violated
+        d["theorem"] = self.theorem
         return d
+
+
+def verdict(total: float, *, exact=None, per_seed=None, confidence: float = CONFIDENCE) -> tuple[bool, str, float]:
+    """``(holds, decided_by, lower)`` for a bound ``total``: by the exact value if given, else by the
+    one-sided Student-t lower confidence bound ``mean − t_{confidence, S−1} · s.e.`` of ``per_seed``.
+
+    Example:
+        >>> verdict(1.0, exact=0.9967)[:2]
+        (True, 'exact')
+        >>> verdict(1.0, per_seed=[1.01, 0.99, 1.02, 1.0])[:2]   # mean 1.005 but s.e. 0.0065
+        (True, 'MC 99.9% one-sided')
+    """
+    from scipy import stats
+
+    if not 0.5 <= confidence < 1:
+        raise ValueError(f"confidence must lie in [0.5, 1) (a one-sided level), got {confidence!r}")
+    x = np.asarray([] if per_seed is None else per_seed, dtype=np.float64)
+    lower = math.nan
+    if len(x) >= 2:
+        with np.errstate(invalid="ignore", over="ignore"):
+            se = float(x.std(ddof=1) / math.sqrt(len(x)))
+            lower = float(x.mean() - stats.t.ppf(confidence, len(x) - 1) * se)
+    if exact is not None and math.isfinite(exact):
+        return bool(exact <= total * (1 + 1e-12)), "exact", lower
+    if len(x) < 2:
+        raise ValueError("a verdict needs the exact value or at least two per-seed values")
+    ok = bool(np.all(np.isfinite(x)) and lower <= total)
+    return ok, f"MC {confidence * 100:g}% one-sided", lower
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,7 +178,8 @@ def _require_fits(algorithm, problem, K: int, seeds, exact: bool) -> None:
         skip = "use fewer workers or dimensions, or skip it (exact=False, --no-exact)"
         require_memory(f"the exact recursion on n = {n} columns in d = {d} dimensions", 40.0 * d * n * n, skip)
         tau = algorithm.tau if isinstance(algorithm.tau, int) else 1
-        flops = 4.0 * d * n**3 * max(1, K // tau)  # W_kᵀ Σ W_k per coordinate and mixing
+        draws = len(getattr(algorithm.mixing, "matchings", ())) if is_random(algorithm) else 0
+        flops = 4.0 * d * n**3 * (1 + draws) * max(1, K // tau)  # W_kᵀ Σ W_k (and L_j Σ L_j) per mixing
         if flops > EXACT_FLOPS:
             raise ValueError(f"the exact recursion on n = {n} columns in d = {d} dimensions over {K} steps would "
                              f"take about {flops:.2g} floating-point operations (minutes to hours, more than "
@@ -203,44 +261,49 @@ def gradient_norms(algorithm, problem, eta, K, seeds=100, *, key: int = 0) -> tu
 
 
 def check_bound(algorithm, problem, eta, K, seeds=100, *, key: int = 0, exact: bool | None = None,
-                label: str = "") -> BoundCheck:
+                label: str = "", theorem: str = "auto", confidence: float = CONFIDENCE) -> BoundCheck:
     """Run ``algorithm`` on ``problem`` for ``K`` steps and ``seeds`` seeds; compare with the bound.
 
     Args:
-        algorithm: a :class:`coopsgd.Algorithm` within Theorem 1 (symmetric W, constant τ, ζ < 1).
-        problem: a :class:`coopsgd.analysis.problems.Problem`.
+        algorithm: a :class:`coopsgd.Algorithm` with a symmetric W, a constant τ and p > 0.
+        problem: a :class:`coopsgd.analysis.problems.Problem`; its ``zeta2``/``growth`` (ζ̄², B) pick
+            the bound (Theorem 1 when both are 0, Koloskova et al.'s otherwise).
         eta: learning rate of plain SGD on every worker.
         K: number of iterations.
         seeds: number of seeds (≥ 2), or a list of integer seeds; vmapped.
         key: base PRNG seed when ``seeds`` is a count.
-        exact: also compute :func:`exact_expected_error` (default: for quadratics).
+        exact: also compute :func:`exact_expected_error` (default: for quadratics). For a random
+            schedule it averages over W_k, while the engine's runs share one seeded draw of them.
         label: a name for the row (defaults to the algorithm's).
+        theorem: ``"auto"``, ``"cooperative"`` or ``"koloskova"`` (:func:`theory.bound_for`).
+        confidence: level of the one-sided bound that decides rows without an exact value.
 
     Returns:
         :class:`BoundCheck` with ``empirical`` (mean over seeds of ``(1/K)Σ‖∇F(u_k)‖²``), its
-        ``stderr``, the ``bound``, ``ratio = empirical / bound.total`` and ``holds``.
+        ``stderr``, the ``bound``, ``ratio``, ``holds`` and the rule that ``decided_by`` it.
 
     Raises:
-        ValueError: if the theorem does not apply to the algorithm (non-symmetric W, varying τ,
-            ζ ≥ 1) or an argument is bad.
+        ValueError: if no bound applies to the algorithm (non-symmetric W, varying τ, ρ ≥ 1) or an
+            argument is bad.
 
     Example:
         >>> import coopsgd
         >>> from coopsgd.analysis import problems, verify
         >>> r = verify.check_bound(coopsgd.local_sgd(4, tau=4), problems.quadratic(10), 0.1, 100, 20)
-        >>> r.holds
-        True
+        >>> r.holds, r.decided_by, r.theorem
+        (True, 'exact', 'cooperative')
     """
     eta, K = check_run_args(algorithm, eta, K)
     problem.check_workers(algorithm.m)
     exact = bool(exact or (exact is None and isinstance(problem, _problems.Quadratic)))
     _require_fits(algorithm, problem, K, seeds, exact)
-    bound = theory.bound_for(
-        algorithm, L=problem.L, sigma2=problem.sigma2, f_gap=problem.f_gap, eta=eta, K=K, warn=False
-    )
-    m, tau, v = algorithm.m, algorithm.tau, algorithm.v
-    zeta = float(algorithm.zeta)
-    cond = theory.lr_condition(L=problem.L, eta=eta, m=m, tau=tau, zeta=zeta, v=v)
+    rate = consensus_rate(algorithm)
+    consts = {"L": problem.L, "sigma2": problem.sigma2, "f_gap": problem.f_gap, "zeta2": problem.zeta2,
+              "growth": problem.growth}
+    het = {"zeta2": problem.zeta2, "growth": problem.growth, "theorem": theorem}
+    bound = theory.bound_for(algorithm, L=problem.L, sigma2=problem.sigma2, f_gap=problem.f_gap, eta=eta, K=K,
+                             warn=False, **het)
+    cond = theory.step_size_for(algorithm, L=problem.L, eta=eta, **het)
     notes = []
     if not cond.ok:
         warnings.warn(
@@ -250,144 +313,30 @@ def check_bound(algorithm, problem, eta, K, seeds=100, *, key: int = 0, exact: b
             stacklevel=2,
         )
         notes.append(f"eta > eta_max = {cond.eta_max:.4g}")
-    if problem.heterogeneity > 0:
-        notes.append("per-worker optima: gradients biased for grad F, outside Theorem 1")
     g2, g2w = gradient_norms(algorithm, problem, eta, K, seeds, key=key)
     per_seed = g2.mean(axis=1)
     empirical = float(per_seed.mean())
     stderr = float(per_seed.std(ddof=1) / math.sqrt(len(per_seed)))
     exact_value = exact_expected_error(algorithm, problem, eta, K) if exact else None
-    finite = math.isfinite(empirical)
-    holds = finite and empirical <= bound.total and (exact_value is None or exact_value <= bound.total)
-    if not finite:
+    if exact and is_random(algorithm):
+        notes.append("exact averages over W_k; the runs share one seeded draw")
+    holds, decided_by, lower = verdict(bound.total, exact=exact_value, per_seed=per_seed, confidence=confidence)
+    if not math.isfinite(empirical):
         notes.append("the run diverged (non-finite gradient norms)")
+    value = exact_value if exact_value is not None else empirical
     return BoundCheck(
-        algorithm=algorithm.name,
-        problem=problem.name,
-        m=m,
-        tau=tau,
-        v=v,
-        zeta=zeta,
-        eta=eta,
-        K=K,
-        seeds=len(per_seed),
-        empirical=empirical,
-        stderr=stderr,
-        exact=exact_value,
-        local_models=float(g2w.mean()),
-        bound=bound,
-        ratio=empirical / bound.total if bound.total > 0 else math.inf,
-        holds=bool(holds),
-        applies=bool(cond.ok and problem.heterogeneity == 0),
-        lr_ok=cond.ok,
-        eta_max=cond.eta_max,
-        note="; ".join(notes),
-        label=label or algorithm.name,
+        algorithm=algorithm.name, problem=problem.name, m=algorithm.m, tau=rate.tau, v=algorithm.v,
+        zeta=rate.q, eta=eta, K=K, seeds=len(per_seed), empirical=empirical, stderr=stderr, exact=exact_value,
+        local_models=float(g2w.mean()), bound=bound,
+        ratio=value / bound.total if 0 < bound.total < math.inf else (0.0 if bound.total == math.inf else math.inf),
+        holds=bool(holds), applies=bool(cond.ok), lr_ok=bool(cond.ok), eta_max=cond.eta_max,
+        note="; ".join(notes), label=label or algorithm.name, decided_by=decided_by, lower=lower, p=rate.p,
+        constants=consts,
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# sweeps, tables and plots
 
 
 def sweep(runs: Iterable[tuple[str, object, float]], problem, K, seeds=100, *, key: int = 0,
-          exact: bool | None = None) -> list[BoundCheck]:
+          exact: bool | None = None, theorem: str = "auto", confidence: float = CONFIDENCE) -> list[BoundCheck]:
     """:func:`check_bound` for each ``(label, algorithm, eta)`` in ``runs`` on one problem."""
-    return [
-        check_bound(algo, problem, eta, K, seeds, key=key, exact=exact, label=label)
-        for label, algo, eta in runs
-    ]
-
-
-def _fmt(x) -> str:
-    return "—" if x is None else f"{x:.4g}"
-
-
-def format_table(rows: Sequence[BoundCheck]) -> str:
-    """A Markdown table: one line per run, with the bound's three terms and the verdict."""
-    head = (
-        "| run | m | τ | v | ζ | η | K | seeds | empirical ± s.e. | exact | optimization | noise | "
-        "network | bound | ratio | holds |"
-    )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        verdict = "yes" if r.holds else ("**NO**" if r.applies else "no (n/a)")
-        if r.note:
-            verdict += f" ({r.note})"
-        lines.append(
-            f"| {r.label} | {r.m} | {r.tau} | {r.v} | {r.zeta:.4f} | {r.eta:g} | {r.K} | {r.seeds} | "
-            f"{r.empirical:.4g} ± {r.stderr:.2g} | {_fmt(r.exact)} | {r.bound.optimization:.4g} | "
-            f"{r.bound.noise:.4g} | {r.bound.network:.4g} | {r.bound.total:.4g} | {r.ratio:.3f} | {verdict} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(panels: dict[str, tuple[str, Sequence[float], Sequence[BoundCheck]]], path, *, title: str = "",
-         ncols: int = 3):
-    """Empirical (with ±2 s.e. bars and the exact value where known) against the bound, log scale.
-
-    Each panel also shows the bound's network term and the workers' own models
-    (:attr:`BoundCheck.local_models`, not bounded by the theorem). Bound markers are hollow where
-    the theorem's assumptions do not hold (η beyond the step-size condition, heterogeneous data).
-
-    Args:
-        panels: ``{panel title: (x-axis label, x values, rows)}``; one subplot each.
-        path: where to save the PNG.
-        title: a figure title.
-        ncols: panels per row.
-    """
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ncols = min(ncols, len(panels))
-    nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.7 * nrows), squeeze=False)
-    for ax, (name, (xlabel, xs, rows)) in zip(axes.flat, panels.items()):
-        xs = np.asarray(xs, dtype=float)
-        pos = np.arange(len(xs)) if len(set(xs)) < len(xs) or not np.all(xs > 0) else xs
-        categorical = pos is not xs
-        total = np.array([r.bound.total for r in rows])
-        ax.plot(pos, total, "-", color="tab:red", label="bound (Thm 1)")
-        ok = np.array([r.applies for r in rows])
-        ax.plot(pos[ok], total[ok], "o", color="tab:red")
-        ax.plot(pos[~ok], total[~ok], "o", mfc="none", color="tab:red", label="bound, outside assumptions")
-        net = np.array([r.bound.network for r in rows])
-        ax.plot(pos[net > 0], net[net > 0], ":", color="tab:red", alpha=0.6, label="network term")
-        emp = np.array([r.empirical for r in rows])
-        se = np.array([r.stderr for r in rows])
-        ax.errorbar(pos, emp, yerr=2 * se, fmt="s-", color="tab:blue", capsize=3, label="E‖∇F(u_k)‖² ±2 s.e.")
-        if all(r.exact is not None for r in rows):
-            ax.plot(pos, [r.exact for r in rows], "x", color="k", ms=8, label="exact (recursion)")
-        ax.plot(pos, [r.local_models for r in rows], "^--", color="tab:green", ms=4, alpha=0.8,
-                label="workers' own models")
-        ax.set_yscale("log")
-        if not categorical and xs.max() / xs.min() > 8:
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_xticks(pos)
-        ax.set_xticklabels([f"{x:g}" for x in xs], fontsize=8)
-        ax.set_xlabel(xlabel)
-        ax.set_title(name, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    axes[0][0].set_ylabel("(1/K) Σ_k E‖∇F(·)‖²")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes.flat[1: len(panels)]:  # collect legend entries that only some panels have
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    if len(panels) < nrows * ncols:
-        axes.flat[len(panels)].legend(handles, labels, loc="center", fontsize=9)
-    else:
-        axes[0][0].legend(handles, labels, fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return [check_bound(algo, problem, eta, K, seeds, key=key, exact=exact, label=label, theorem=theorem,
+                        confidence=confidence) for label, algo, eta in runs]

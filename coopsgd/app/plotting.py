@@ -15,7 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter, NullFormatter
+from matplotlib.ticker import FormatStrFormatter, FuncFormatter, NullFormatter
 
 from coopsgd.app.files import atomic_write
 from coopsgd.core import topology
@@ -31,6 +31,7 @@ RUN_FIGURES = {
 
 
 _STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h")
 
 
 def _save(fig: Figure, path) -> str:
@@ -38,10 +39,19 @@ def _save(fig: Figure, path) -> str:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
+def _minor_label(value: float, _pos=None) -> str:
+    """Minor log ticks labelled at 2, 3 and 5 × 10^k only: never beside a decade's own label."""
+    if value <= 0:
+        return ""
+    mantissa = round(value / 10 ** np.floor(np.log10(value)), 6)
+    return f"{value:.2g}" if mantissa in (2.0, 3.0, 5.0) else ""
+
+
 def plot_curves(histories: dict, x: str, y: str, path, *, xlabel: str | None = None,
                 ylabel: str | None = None, title: str | None = None, logy: bool = True) -> str:
     """One line per history, ``y`` against ``x``; log scale on y when all values are positive."""
-    fig = Figure(figsize=(6.4, 4.2) if len(histories) <= 8 else (7.2, 5.0))
+    many = len(histories) > 8
+    fig = Figure(figsize=(6.4, 4.2) if not many else (8.6, 4.6))
     ax = fig.add_subplot()
     positive, values = True, []
     colours = matplotlib.colormaps["tab20"].colors if len(histories) > 10 else [None] * len(histories)
@@ -53,20 +63,23 @@ def plot_curves(histories: dict, x: str, y: str, path, *, xlabel: str | None = N
         positive &= bool(np.all(ys[keep] > 0))
         values.extend(ys[keep])
         ax.plot(xs[keep], ys[keep], label=label, lw=1.6, ls=_STYLES[(i // 10 + i) % len(_STYLES)],
-                color=colours[i % len(colours)])
+                color=colours[i % len(colours)], marker=_MARKERS[i % len(_MARKERS)], markersize=4,
+                markevery=(i % 5, max(1, int(keep.sum()) // 6)))  # staggered: markers do not pile up
     if logy and positive and values:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
         narrow = max(values) < 10 * min(values)  # label the minor ticks only within one decade
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g") if narrow else NullFormatter())
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label) if narrow else NullFormatter())
         ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or y)
     if title:
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    if histories:
-        ax.legend(fontsize=8, ncol=2 if len(histories) > 8 else 1)
+    if histories and many:  # beside the axes: a long legend must not cover the curves
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    elif histories:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -290,8 +290,9 @@ class MixingSchedule:
         return MixingMatrix.from_blocks(sum(w.tocsr().T @ w.tocsr() for w in self.cycle) / len(self.cycle))
 
     def contraction(self) -> float:
-        """``‖E[Wᵀ W] − J‖₂``, which replaces ζ² in the bound for time-varying W (Wang & Joshi,
-        Cooperative SGD, §5; Wang et al., MATCHA, arXiv:1905.09435, Theorem 1). Beyond the dense
+        """``‖E[Wᵀ W] − J‖₂`` over the cycle, which replaces ζ² in the bound when W is drawn i.i.d.
+        each round (Wang et al., MATCHA, arXiv:1905.09435, Theorem 1); a deterministic cycle is held
+        to its worst W^(r) instead (:func:`coopsgd.analysis.consensus.consensus_rate`). Beyond the dense
         limit a cycle of circulant or of exchangeable matrices has a closed form
         (:func:`coopsgd.core.spectral.cycle_contraction`)."""
         if self.cycle is not None and self.n > spectral.DENSE_EIG_LIMIT:
