@@ -74,7 +74,7 @@ def train(task: Task, algo, *, runtime_model, steps=None, until=None, overlap=Fa
     (``trainer.observe``, the rule's ``observe`` on ``EngineState.period``). Stops after ``steps``
     steps or once simulated time reaches ``until``. ``hist["rule"]`` is the period's final state.
     """
-    trainer = CooperativeSGD(algo, optax.sgd(lr), task.loss)
+    trainer = CooperativeSGD(algo, optax.sgd(lr), task.loss, track_consensus=True)
     state = trainer.init(task.params0)
     clock = runtime_model.clock(algo.m)
     sampler = sampler or task.sampler(BATCH)

@@ -85,7 +85,7 @@ def train(task: Task, algo, optimizer, steps: int, every: int, *, batch: int = B
     model's loss, the mean of the workers' losses, the consensus distance and the bytes sent per
     worker so far. Stops early (``hist["diverged"]``) at a non-finite value or once the consensus
     distance exceeds ``diverge_at``."""
-    trainer = CooperativeSGD(algo, optimizer, task.loss)
+    trainer = CooperativeSGD(algo, optimizer, task.loss, track_consensus=True)
     state = trainer.init(task.params0)
     sampler = task.sampler(batch)
     tau = algo.period.constant_tau

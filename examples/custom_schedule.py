@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
         tau=lambda start: 2 ** min(start // 40, 3),  # 1, 2, 4, 8, then stays at 8
         name="growing_tau_ring_then_average",
     )
-    trainer = coopsgd.CooperativeSGD(algorithm, optax.adam(3e-3), loss_fn)
+    trainer = coopsgd.CooperativeSGD(algorithm, optax.adam(3e-3), loss_fn, track_consensus=True)
 
     rng = np.random.default_rng(0)
     teacher = rng.normal(size=8)

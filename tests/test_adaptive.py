@@ -45,7 +45,7 @@ def make_batches(steps, m=M, seed=0):
 
 def trainer_for(rule):
     algo = coopsgd.Algorithm(mixing.averaging(M), tau=rule)
-    return algo, coopsgd.CooperativeSGD(algo, optax.sgd(0.05), loss_fn)
+    return algo, coopsgd.CooperativeSGD(algo, optax.sgd(0.05), loss_fn, track_consensus=True)
 
 
 def mixing_steps(metrics):

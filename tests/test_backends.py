@@ -39,6 +39,7 @@ ALGOS = {
     "local_sgd_m16": lambda: coopsgd.local_sgd(16, 2),  # two workers per device
     "easgd_m8": lambda: coopsgd.easgd(8, tau=2),  # anchor replicated on every device
     "ring_dpsgd_m16": lambda: coopsgd.dpsgd(nx.cycle_graph(16)),
+    "ring_dpsgd_m8": lambda: coopsgd.dpsgd(nx.cycle_graph(8)),  # one worker per device: bare ppermutes
     "overlap_m16": lambda: coopsgd.overlap_local_sgd(16, 2, 0.5),
     "cyclic_exponential_m16": lambda: coopsgd.Algorithm(schedules.one_peer_exponential(16), tau=2),
     "random_matchings_m16": lambda: coopsgd.Algorithm(RandomMatchings(16, seed=1), tau=1),
@@ -62,9 +63,9 @@ def test_backends_agree(name):
     algo = ALGOS[name]()
     steps = 5
     batches = make_batches(steps, algo.m, seed=21)
-    _, s_ref, m_ref, c_ref = run_on("simulate", algo, batches, steps)
+    _, s_ref, m_ref, c_ref = run_on("simulate", algo, batches, steps, track_consensus=True)
     for backend in DEVICE_BACKENDS:
-        t, s, met, cols = run_on(backend, algo, batches, steps)
+        t, s, met, cols = run_on(backend, algo, batches, steps, track_consensus=True)
         for key in ("w", "b"):
             np.testing.assert_allclose(cols[key], c_ref[key], rtol=2e-5, atol=2e-6, err_msg=backend)
         np.testing.assert_allclose(met.losses, m_ref.losses, rtol=2e-5, atol=2e-6, err_msg=backend)
@@ -238,3 +239,25 @@ def test_random_schedule_sends_only_active_matchings():
         assert ops["collective-permute"] == expected and ops["all-reduce"] == 0
         assert t.mix_round(r).moves == (count > 0)
         assert t.communication(100.0, r).neighbour_slots == count
+
+
+@pytest.mark.parametrize("name", ["ring_dpsgd_m8", "ring_dpsgd_m16", "easgd_m8", "torus_dpsgd_m16"])
+def test_large_leaves_travel_alone(name, monkeypatch):
+    """Leaves of PACK_BELOW entries or more are exchanged one by one, the rest packed: with the
+    limit at 2, ``w`` (3 entries) travels alone and ``b`` packed; the numbers agree with simulate."""
+    from coopsgd.parallel import linear, programs
+
+    algo = ALGOS[name]()
+    steps = 4
+    batches = make_batches(steps, algo.m, seed=22)
+    _, _, m_ref, c_ref = run_on("simulate", algo, batches, steps)
+    monkeypatch.setattr(linear, "PACK_BELOW", 2)
+    programs.clear()  # programs compiled with the default limit must not be reused
+    try:
+        for backend in DEVICE_BACKENDS:
+            _, _, met, cols = run_on(backend, algo, batches, steps)
+            for key in ("w", "b"):
+                np.testing.assert_allclose(cols[key], c_ref[key], rtol=2e-5, atol=2e-6, err_msg=backend)
+            np.testing.assert_allclose(met.losses, m_ref.losses, rtol=2e-5, atol=2e-6, err_msg=backend)
+    finally:
+        programs.clear()

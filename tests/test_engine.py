@@ -130,7 +130,7 @@ class TestEquivalences:
     def test_local_sgd_tau1_is_minibatch_sgd(self):
         m, steps = 4, 6
         batches = make_batches(steps, m)
-        _, _, metrics, w, b = run_engine(coopsgd.local_sgd(m, 1), batches, steps)
+        _, _, metrics, w, b = run_engine(coopsgd.local_sgd(m, 1), batches, steps, track_consensus=True)
         # Mini-batch SGD on the union of the workers' batches (m·B samples), by hand.
         ww, bb = INIT["w"].astype(np.float64), float(INIT["b"])
         for t in range(steps):
@@ -146,7 +146,7 @@ class TestEquivalences:
     def test_local_sgd_tau(self):
         m, tau, steps = 4, 3, 7
         batches = make_batches(steps, m, seed=2)
-        _, state, metrics, w, b = run_engine(coopsgd.local_sgd(m, tau), batches, steps)
+        _, state, metrics, w, b = run_engine(coopsgd.local_sgd(m, tau), batches, steps, track_consensus=True)
 
         def mix_np(t, w, b):  # after every τ-th step all workers take the average
             if (t + 1) % tau == 0:
@@ -165,7 +165,7 @@ class TestEquivalences:
     def test_consensus_metric_by_hand(self):
         m = 3
         batches = make_batches(1, m, seed=3)
-        _, _, metrics, w, b = run_engine(coopsgd.local_sgd(m, 5), batches, 1)
+        _, _, metrics, w, b = run_engine(coopsgd.local_sgd(m, 5), batches, 1, track_consensus=True)
         cols = np.concatenate([w, b[:, None]], axis=1)
         expect = np.mean(np.sum((cols - cols.mean(0)) ** 2, axis=1))
         assert float(metrics.consensus[0]) == pytest.approx(expect, rel=1e-4)
@@ -343,13 +343,14 @@ class TestTrainer:
         m, steps = 4, 12
         batches = make_batches(steps, m, seed=13)
         algo = coopsgd.dpsgd(nx.cycle_graph(m))
-        a = coopsgd.CooperativeSGD(algo, optax.sgd(LR), loss_fn, steps_per_call=5)
-        b = coopsgd.CooperativeSGD(algo, optax.sgd(LR), loss_fn, steps_per_call=1)
+        a = coopsgd.CooperativeSGD(algo, optax.sgd(LR), loss_fn, steps_per_call=5, track_consensus=True)
+        b = coopsgd.CooperativeSGD(algo, optax.sgd(LR), loss_fn, steps_per_call=1, track_consensus=True)
         sa, ma = a.run(a.init(INIT), batches, steps)
         sb, mb = b.run(b.init(INIT), batches, steps)
         np.testing.assert_allclose(sa.params["w"], sb.params["w"], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(ma.consensus, mb.consensus, rtol=1e-5, atol=1e-9)
-        assert {k[:2] for k in a._programs} == {(5, 1), (2, 1)}
+        # 5 + 5 + 2 rounds: the last, shorter call runs the same 5-round program (no remainder program)
+        assert {k[:2] for k in a._programs} == {(5, 1)}
 
     def test_average_is_mean_of_all_columns(self):
         m = 3

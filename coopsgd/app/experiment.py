@@ -67,7 +67,8 @@ class _Run:
         # (two compiled programs whatever the periods are).
         fused = self.period.constant_tau is not None
         self.trainer = CooperativeSGD(self.algorithm, config.build_optimizer(cfg), models.loss_fn(self.model),
-                                      backend=cfg["backend"], steps_per_call=256 if fused else 1)
+                                      backend=cfg["backend"], steps_per_call=256 if fused else 1,
+                                      track_consensus=True)  # the history and metrics report it
         self.state = self.trainer.init(params0, seed=cfg["seed"])
         self.clock = config.build_runtime(cfg).clock(m)
         self.round_cache: dict = {"start": 0, "stamps": []}

@@ -10,9 +10,10 @@ from coopsgd.parallel import (
     hooks,
     linear,
     plan,
+    programs,
     protocol,
     state,
     trainer,
 )
 
-__all__ = ["backends", "batches", "collectives", "engine", "hooks", "linear", "plan", "protocol", "state", "trainer"]
+__all__ = ["backends", "batches", "collectives", "engine", "hooks", "linear", "plan", "programs", "protocol", "state", "trainer"]

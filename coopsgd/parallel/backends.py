@@ -18,6 +18,7 @@ workers (leading axis m) on every backend.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
@@ -33,7 +34,9 @@ from coopsgd.parallel.protocol import MixerState
 __all__ = ["BACKENDS", "Backend", "BackendName", "Pmap", "ShardMap", "Simulate", "make_backend"]
 
 BackendName = Literal["simulate", "pmap", "shard_map"]
+"""The name of a layout of the worker axis."""
 BACKENDS: tuple[str, ...] = ("simulate", "pmap", "shard_map")
+"""Every backend, by name."""
 
 
 def _split_check(m: int, count: int, what: str) -> int:
@@ -79,6 +82,7 @@ class Backend:
                                                params))
 
     def place_mix_state(self, state: MixerState) -> MixerState:
+        """The mixer's state placed: per-worker parts like the workers, shared parts like shared state."""
         return MixerState(self.place_workers(state.per_worker), self.place_shared(state.shared))
 
     def place_batches(self, batches):
@@ -86,7 +90,8 @@ class Backend:
         raise NotImplementedError
 
     def replicate(self, x):
-        return jnp.asarray(x) if not isinstance(x, jax.Array) else x
+        """``x`` as one array replicated on every device of the layout."""
+        return x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x))  # no compile, unlike jnp.asarray
 
     def workers(self, placed):
         """Per-worker values back to leading axis m."""
@@ -96,13 +101,25 @@ class Backend:
         """Shared values back to one copy."""
         raise NotImplementedError
 
-    def compile(self, local_fn, summarize, steps: int, rounds: int, donate: bool = False):
-        """The launched program ``(params, opt, mix_state, step, rounds, key, batches, args, moves)
-        → (params, opt, mix_state, step + steps, rounds + rounds, summary)`` around the per-device
-        ``local_fn(params, opt, mix_state, step, key, batches, args, moves) → (params, opt,
-        mix_state, outs)``; with ``donate`` the first three arguments' buffers are reused for the
-        results (the state passed in is consumed)."""
+    @property
+    def key(self):
+        """What of this layout a compiled program depends on (hashable; equal layouts share
+        programs, :mod:`coopsgd.parallel.programs`)."""
+        return self.name, self.m
+
+    def compile(self, local_fn, summarize, length: int, mixes: bool, donate: bool = False):
+        """The launched program ``(params, opt, mix_state, step, rounds, key, batches, args, moves,
+        todo) → (params, opt, mix_state, step + todo·length, rounds + todo·mixes, summary)`` around
+        the per-device ``local_fn(params, opt, mix_state, step, key, batches, args, moves, todo) →
+        (params, opt, mix_state, outs)``, ``todo`` the rounds to run (a replicated int32 scalar);
+        with ``donate`` the first three arguments' buffers are reused for the results (the state
+        passed in is consumed)."""
         raise NotImplementedError
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _broadcast(params, m: int):
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (m,) + x.shape), params)
 
 
 class Simulate(Backend):
@@ -117,9 +134,7 @@ class Simulate(Backend):
         return jax.tree.map(jnp.asarray, tree)
 
     def broadcast_workers(self, params):
-        m = self.m  # built on the device: no host copy of the m models
-        return jax.jit(lambda p: jax.tree.map(lambda x: jnp.broadcast_to(x, (m,) + x.shape), p))(
-            jax.tree.map(jnp.asarray, params))
+        return _broadcast(jax.tree.map(jnp.asarray, params), self.m)  # on the device: no host copy of m models
 
     def place_batches(self, batches):
         return batches
@@ -130,10 +145,10 @@ class Simulate(Backend):
     def shared(self, placed):
         return placed
 
-    def compile(self, local_fn, summarize, steps: int, rounds: int, donate: bool = False):
-        def program(params, opt, mix_state, step, count, key, batches, args, moves):
-            params, opt, mix_state, outs = local_fn(params, opt, mix_state, step, key, batches, args, moves)
-            return params, opt, mix_state, step + steps, count + rounds, summarize(outs)
+    def compile(self, local_fn, summarize, length: int, mixes: bool, donate: bool = False):
+        def program(params, opt, mix_state, step, count, key, batches, args, moves, todo):
+            params, opt, mix_state, outs = local_fn(params, opt, mix_state, step, key, batches, args, moves, todo)
+            return params, opt, mix_state, step + todo * length, count + todo * mixes, summarize(outs)
 
         return jax.jit(program, donate_argnums=(0, 1, 2) if donate else ())
 
@@ -185,7 +200,11 @@ class Pmap(Backend):
     def shared(self, placed):
         return jax.tree.map(lambda x: x[0], placed)
 
-    def compile(self, local_fn, summarize, steps: int, rounds: int, donate: bool = False):
+    @property
+    def key(self):
+        return self.name, self.m, tuple(d.id for d in self.devices)
+
+    def compile(self, local_fn, summarize, length: int, mixes: bool, donate: bool = False):
         # The arguments travel as one tuple (see :meth:`mapped`), so nothing is donated on pmap.
         mapped = self.mapped(local_fn)
         m = self.m
@@ -202,9 +221,9 @@ class Pmap(Backend):
                     "consensus": None if outs["consensus"] is None else outs["consensus"][0]}
             return summarize(outs)
 
-        def program(params, opt, mix_state, step, count, key, batches, args, moves):
-            params, opt, mix_state, outs = mapped((params, opt, mix_state, step, key, batches, args, moves))
-            return params, opt, mix_state, step + steps, count + rounds, finish(outs)
+        def program(params, opt, mix_state, step, count, key, batches, args, moves, todo):
+            params, opt, mix_state, outs = mapped((params, opt, mix_state, step, key, batches, args, moves, todo))
+            return params, opt, mix_state, step + todo * length, count + todo * mixes, finish(outs)
 
         return program
 
@@ -214,7 +233,7 @@ class Pmap(Backend):
         the number of arguments (e.g. an optimizer state with no leaves, like plain SGD's), which
         silently maps a scalar argument."""
         return jax.pmap(lambda args: local_fn(*args), axis_name=AXIS,
-                        in_axes=((0, 0, 0, None, None, 0, None, None),), out_axes=0, devices=self.devices)
+                        in_axes=((0, 0, 0, None, None, 0, None, None, None),), out_axes=0, devices=self.devices)
 
 
 class ShardMap(Backend):
@@ -276,13 +295,17 @@ class ShardMap(Backend):
     def shared(self, placed):
         return placed
 
-    def compile(self, local_fn, summarize, steps: int, rounds: int, donate: bool = False):
+    @property
+    def key(self):
+        return self.name, self.m, self.mesh
+
+    def compile(self, local_fn, summarize, length: int, mixes: bool, donate: bool = False):
         mapped = self.shard_mapped(local_fn)
         replicated = self.replicated
 
-        def main_fn(params, opt, mix_state, step, count, key, batches, args, moves):
-            params, opt, mix_state, outs = mapped(params, opt, mix_state, step, key, batches, args, moves)
-            return params, opt, mix_state, step + steps, count + rounds, outs
+        def main_fn(params, opt, mix_state, step, count, key, batches, args, moves, todo):
+            params, opt, mix_state, outs = mapped(params, opt, mix_state, step, key, batches, args, moves, todo)
+            return params, opt, mix_state, step + todo * length, count + todo * mixes, outs
 
         main = jax.jit(main_fn, donate_argnums=(0, 1, 2) if donate else ())
 
@@ -302,7 +325,7 @@ class ShardMap(Backend):
         mix_spec = MixerState(per_worker=P(AXIS), shared=P())
         return jax.shard_map(
             local_fn, mesh=self.mesh,
-            in_specs=(P(AXIS), P(AXIS), mix_spec, P(), P(), P(None, AXIS), P(), P()),
+            in_specs=(P(AXIS), P(AXIS), mix_spec, P(), P(), P(None, AXIS), P(), P(), P()),
             out_specs=(P(AXIS), P(AXIS), mix_spec, spec_out),
             check_vma=False,
         )

@@ -6,9 +6,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["BatchSource", "check_leading", "check_loss"]
+from coopsgd.core.validate import require_real_dtype
+
+__all__ = ["BatchSource", "check_batch", "check_leading", "check_loss", "pad_steps"]
 
 
 def check_leading(batch, m: int) -> None:
@@ -43,6 +46,44 @@ def check_loss(loss_fn, params_spec, single_batch, *, has_aux: bool, with_rng: b
         )
 
 
+def check_batch(loss_fn, batches, params_spec, *, has_aux: bool, with_rng: bool, seen: set) -> None:
+    """The loss on one worker's slice of ``batches`` (leaves (steps, m, …)) traces to a real
+    floating scalar: checked once per batch signature (``seen`` holds the signatures checked)."""
+    leaves, treedef = jax.tree.flatten(batches)
+    sig = (treedef, tuple((tuple(x.shape)[2:], x.dtype) for x in leaves))
+    if sig in seen:
+        return
+    single = jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape)[2:], x.dtype), batches)
+    dtypes = []
+
+    def recording(*args):  # the same trace, noting the loss's dtype for the check below
+        out = loss_fn(*args)
+        try:
+            dtypes.append(jnp.result_type(out[0] if has_aux and isinstance(out, tuple) else out))
+        except TypeError:  # not an array: check_loss names it
+            pass
+        return out
+
+    check_loss(recording, params_spec, single, has_aux=has_aux, with_rng=with_rng)
+    if dtypes:  # jax.grad needs a real floating loss
+        require_real_dtype("loss_fn's output", dtypes[0], what="a real floating scalar (jax.grad needs one)",
+                           fix="return a float loss (e.g. jnp.mean over float arrays; jnp.abs of a complex value)")
+    seen.add(sig)
+
+
+def pad_steps(batches, steps: int):
+    """Batches with leaves (count, m, …) padded with zeros to ``steps ≥ count`` along the first
+    axis (NumPy leaves on the host, JAX arrays where they are)."""
+    def one(x):
+        extra = (steps - x.shape[0],) + tuple(x.shape[1:])
+        if isinstance(x, jax.Array):
+            return jax.numpy.concatenate([x, jax.numpy.zeros(extra, x.dtype)])
+        x = np.asarray(x)
+        return np.concatenate([x, np.zeros(extra, x.dtype)])
+
+    return jax.tree.map(one, batches)
+
+
 class BatchSource:
     """Batches for ``run``: a pytree of stacked leaves (steps, m, …), an iterator of per-step
     batches, or a callable ``step -> batch``; handed out as leaves (count, m, …).
@@ -59,7 +100,10 @@ class BatchSource:
             self.kind, self.fn = "callable", batches
         else:
             self.kind, self.tree = "stacked", batches
-            for path, leaf in jax.tree_util.tree_flatten_with_path(batches)[0]:
+            if all(len(np.shape(x)) >= 2 and np.shape(x)[0] >= steps and np.shape(x)[1] == m
+                   for x in jax.tree.leaves(batches)):
+                return
+            for path, leaf in jax.tree_util.tree_flatten_with_path(batches)[0]:  # name the bad leaf
                 shape = tuple(np.shape(leaf))
                 if len(shape) < 2 or shape[0] < steps or shape[1] != m:
                     raise ValueError(

@@ -49,11 +49,12 @@ class Hook(NamedTuple):
 def concat(pieces: list[StepMetrics]) -> StepMetrics:
     """Metrics of consecutive compiled calls as one (stacked over their steps)."""
     import jax
-    import jax.numpy as jnp
+    import numpy as np
 
     if len(pieces) == 1:
         return pieces[0]
-    return jax.tree.map(lambda *xs: jnp.concatenate([jnp.asarray(x) for x in xs]), *pieces)
+    # NumPy on the host (the metrics are small): a device concatenate compiles a program per shape
+    return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *pieces)
 
 
 def call_hooks(hooks, marks: list, pieces: list, ended: RoundEnd, final: bool):

@@ -11,8 +11,9 @@ import dataclasses
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
-__all__ = ["EngineState", "NonFiniteError", "PeriodState", "StepMetrics"]
+__all__ = ["EngineState", "NonFiniteError", "PeriodState", "StepMetrics", "raise_if_nonfinite"]
 
 
 @jax.tree_util.register_static
@@ -88,3 +89,28 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, message: str, step: int, worker: int | None = None):
         super().__init__(message)
         self.step, self.worker = step, worker
+
+
+def raise_if_nonfinite(metrics: StepMetrics, k0: int, after_mixing: bool, mixer_name: str) -> None:
+    """Raise :class:`NonFiniteError` at the first step of ``metrics`` (the first is step ``k0``)
+    with a non-finite value, naming the worker (or the consensus distance) and whether a mixing by
+    ``mixer_name`` came just before (``after_mixing``: the step before ``k0`` mixed)."""
+    finite = np.asarray(metrics.finite)
+    if finite.all():
+        return
+    i = int(np.argmin(finite))
+    losses = np.asarray(metrics.losses)[i]
+    bad = np.flatnonzero(~np.isfinite(losses))
+    worker = int(bad[0]) if bad.size else None
+    communicated = np.asarray(metrics.communicated)
+    if worker is not None:
+        where = f"worker {worker} loss {losses[worker]}"
+        if (communicated[i - 1] if i else after_mixing):
+            where += f" (the first step after a mixing by {mixer_name!r})"
+    else:
+        where = f"consensus distance {np.asarray(metrics.consensus)[i]}"
+        if communicated[i]:
+            where += f" right after the mixing by {mixer_name!r}"
+    raise NonFiniteError(
+        f"non-finite value at step {k0 + i} (0-based): {where}; stopping the run. "
+        "Lower the learning rate or check the data.", step=k0 + i, worker=worker)
