@@ -94,27 +94,26 @@ def _command_lines(language: str, body: str) -> list[tuple[str, list[str]]]:
     """``(command, its output lines)`` of a bash or console block (continuations joined, comments,
     environment assignments, ``&`` and ``.venv/bin/`` dropped, ``&&`` chains split)."""
     if language == "console":
-        chunks, out = [], []
+        pairs = []
         for line in body.splitlines():
             if line.startswith("$ "):
-                chunks.append([line[2:], []])
-            elif chunks:
-                chunks[-1][1].append(line)
-        pairs = [(c, o) for c, o in chunks]
+                pairs.append((line[2:], []))
+            elif pairs:
+                pairs[-1][1].append(line)
     else:
         joined = body.replace("\\\n", " ")
         pairs = [(line.split(" #")[0].strip(), []) for line in joined.splitlines()
                  if line.strip() and not line.strip().startswith("#")]
     commands = []
     for command, out in pairs:
-        for part in command.split("&&"):
-            part = part.strip().rstrip("&").strip()
-            words = shlex.split(part)
+        parts = command.split("&&")
+        for part in parts:
+            words = shlex.split(part.strip().rstrip("&"))
             while words and re.match(r"^[A-Z_]+=", words[0]):
                 words.pop(0)
-            words = [w.removeprefix(".venv/bin/") for w in words]
-            if words:
-                commands.append((" ".join(words), out if part == command.strip().rstrip("&").strip() else []))
+            if words:  # a chain's output belongs to its only command, or to none
+                words = [w.removeprefix(".venv/bin/") for w in words]
+                commands.append((" ".join(words), out if len(parts) == 1 else []))
     return commands
 
 

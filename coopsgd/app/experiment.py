@@ -195,20 +195,17 @@ class _Run:
         self.real_time = float(host["real_time"])
 
 
-_EVALUATORS: dict = {}
-
-
 def _evaluator(model, m: int):
     """A jitted ``(columns, weights, x, y, x_test, y_test) -> (each worker's training loss, test
     accuracy of the model Σ_j weights_j · column_j)``, shared by every run of the same model and m
-    (compiled once)."""
+    (compiled once, in the process-wide cache of :mod:`coopsgd.parallel.programs`)."""
     import jax
     import jax.numpy as jnp
 
     from coopsgd.app import models
+    from coopsgd.parallel import programs
 
-    key = (model.name, model.input_shape, repr(model.module), m)
-    if key not in _EVALUATORS:
+    def build():
         loss = models.loss_fn(model)
 
         def evaluate(columns, weights, x, y, x_test, y_test):
@@ -220,8 +217,9 @@ def _evaluator(model, m: int):
             acc = jnp.mean(jnp.argmax(model.apply(avg, x_test), -1) == y_test)
             return losses, acc
 
-        _EVALUATORS[key] = jax.jit(evaluate)
-    return _EVALUATORS[key]
+        return jax.jit(evaluate)
+
+    return programs.program(("evaluator", model.name, model.input_shape, repr(model.module), m), build)
 
 
 def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool = False,

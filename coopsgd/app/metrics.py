@@ -89,14 +89,14 @@ class MetricsWriter:
 
     def write(self, kind: str, record: dict) -> None:
         """Append one record (``kind`` is ``"round"`` or ``"eval"``); ``record["step"]`` is required."""
-        from tensorboardX.proto import event_pb2, summary_pb2
-
         try:
             if self._file is not None:
                 line = {"kind": kind, **{k: _finite(v) for k, v in record.items()}}
                 self._file.write(json.dumps(line) + "\n")
                 self._file.flush()
             if self._tb is not None:
+                from tensorboardX.proto import event_pb2, summary_pb2  # loaded once, with the writer
+
                 values = [summary_pb2.Summary.Value(tag=f"{kind}/{key}", simple_value=float(record[key]))
                           for key in _SCALARS if _finite(record.get(key)) is not None]
                 self._tb.write_event(event_pb2.Event(wall_time=time.time(), step=int(record["step"]),
