@@ -25,7 +25,7 @@ __all__ = ["RUN_FIGURES", "plot_curves", "plot_run_figures", "plot_topology", "t
 RUN_FIGURES = {
     "loss_vs_step.png": ("step", "loss", "iteration", "training loss (worker average)"),
     "loss_vs_time.png": ("time", "loss", "simulated wall-clock time (s)", "training loss (worker average)"),
-    "consensus.png": ("step", "consensus", "iteration", "consensus distance (1/m) Σ‖x_i − x̄‖²"),
+    "consensus.png": ("step", "consensus", "iteration", r"consensus distance $\frac{1}{m}\sum_i \|x_i - \bar{x}\|^2$"),
 }
 """File name → (x key, y key, x label, y label) of the figures every results folder gets."""
 
