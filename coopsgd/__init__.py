@@ -38,7 +38,7 @@ from coopsgd.parallel.collectives import WorkerAxis
 from coopsgd.parallel.hooks import Hook, RoundEnd, Stop
 from coopsgd.parallel.linear import linear, mix
 from coopsgd.parallel.plan import mixing_traffic, tree_bytes
-from coopsgd.parallel.protocol import Mixer, MixerState, MixRound, OptimizerSync
+from coopsgd.parallel.protocol import STATE_POLICIES, SYNC_POLICIES, Mixer, MixerState, MixRound, OptimizerSync
 from coopsgd.parallel.state import EngineState, NonFiniteError, PeriodState, StepMetrics
 from coopsgd.parallel.trainer import CooperativeSGD
 
@@ -47,6 +47,8 @@ __version__ = "0.2.0"
 __all__ = [
     "ADPSGD",
     "AdaComm",
+    "STATE_POLICIES",
+    "SYNC_POLICIES",
     "Algorithm",
     "Communication",
     "CooperativeSGD",

@@ -6,8 +6,11 @@ copies of this script as workers on 127.0.0.1; each joins the run with
 a process missing or a process dying ends with one line on every process), builds
 the same trainer with ``backend="shard_map"`` over the 4 global devices (m = 8 workers, two per
 device), and trains on the same global batches (every process passes the whole batch; each device
-reads its workers' rows). Process 0 writes the final columns to a file, and the launcher checks
-them against the same run on the simulate backend.
+reads its workers' rows). Then the same on a 2-D mesh ``("workers", "model")``: one row of the mesh
+per process, so the workers span the processes while each worker's model (an MLP whose hidden
+layer is split over ``"model"``) is sharded over its own process's devices, and every process feeds
+only its own workers' batches. Process 0 writes the final columns to a file, and the launcher
+checks them against the same runs on the simulate backend.
 
 On real hosts, run the worker part once per host with ``--worker --process-id I --num-processes N
 --coordinator HOST0:PORT`` (see docs/engine.md).
@@ -63,6 +66,41 @@ def problem(m: int, steps: int):
     return algorithms, loss, init, batches
 
 
+HIDDEN = 8
+
+
+def grouped_problem(m: int, steps: int):
+    """An MLP 4 → 8 → 1 whose hidden layer is split over the mesh's ``"model"`` axis (the specs),
+    local SGD and ring D-PSGD, deterministic data."""
+    import jax.numpy as jnp
+    import networkx as nx
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+
+    import coopsgd
+
+    rng = np.random.default_rng(1)
+    batches = {"x": rng.normal(size=(steps, m, 16, 4)).astype(np.float32),
+               "y": rng.normal(size=(steps, m, 16)).astype(np.float32)}
+
+    def loss(params, batch):
+        hidden = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+        return jnp.mean((hidden @ params["w2"] - batch["y"]) ** 2)
+
+    init = {"w1": (0.5 * rng.normal(size=(4, HIDDEN))).astype(np.float32),
+            "b1": np.zeros(HIDDEN, np.float32), "w2": (0.5 * rng.normal(size=HIDDEN)).astype(np.float32)}
+    specs = {"w1": P(None, "model"), "b1": P("model"), "w2": P("model")}
+    algorithms = {"grouped_local_sgd": coopsgd.local_sgd(m, 2), "grouped_ring_dpsgd": coopsgd.dpsgd(nx.cycle_graph(m))}
+    return algorithms, loss, init, batches, specs
+
+
+def record(trainer, state, metrics) -> dict:
+    import numpy as np
+
+    cols = trainer.columns(state)
+    return {**{k: np.asarray(v).tolist() for k, v in cols.items()}, "loss": np.asarray(metrics.loss).tolist()}
+
+
 def worker(args) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
@@ -88,9 +126,20 @@ def worker(args) -> None:
         for name, algo in algorithms.items():
             trainer = coopsgd.CooperativeSGD(algo, optax.sgd(0.05), loss, backend="shard_map")
             state, metrics = trainer.run(trainer.init(init), batches, args.steps, hooks=[die_at(args)])
-            cols = trainer.columns(state)  # replicated on every process
-            out[name] = {"w": np.asarray(cols["w"]).tolist(), "b": np.asarray(cols["b"]).tolist(),
-                         "loss": np.asarray(metrics.loss).tolist()}
+            out[name] = record(trainer, state, metrics)  # the columns are replicated on every process
+        # A worker is one process's devices: the mesh's rows are the processes.
+        mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(args.num_processes, -1), ("workers", "model"),
+                                 axis_types=(jax.sharding.AxisType.Auto,) * 2)
+        algorithms, loss, init, batches, specs = grouped_problem(2 * args.num_processes, args.steps)
+        for name, algo in algorithms.items():
+            trainer = coopsgd.CooperativeSGD(algo, optax.sgd(0.05), loss, backend="shard_map", mesh=mesh,
+                                             param_specs=specs)
+            mine = trainer.backend.local_workers()  # this process feeds its own workers' batches only
+            own = {k: v[:, mine] for k, v in batches.items()}
+            state, metrics = trainer.run(trainer.init(init), own, args.steps)
+            out[name] = record(trainer, state, metrics)
+            out[name + "_fed_workers"] = mine.tolist()
+            out[name + "_w1_spec"] = str(state.params["w1"].sharding.spec)
         if jax.process_index() == 0:
             with open(args.out, "w") as f:
                 json.dump(out, f)
@@ -138,20 +187,20 @@ def launch(steps: int, m: int = 8, num_processes: int = 2, local_devices: int = 
             return json.load(f)
 
 
-def simulate(steps: int, m: int = 8) -> dict:
-    import numpy as np
+def simulate(steps: int, m: int = 8, num_processes: int = 2) -> dict:
     import optax
 
     import coopsgd
 
     algorithms, loss, init, batches = problem(m, steps)
+    grouped, grouped_loss, grouped_init, grouped_batches, _ = grouped_problem(2 * num_processes, steps)
     out = {}
-    for name, algo in algorithms.items():
-        trainer = coopsgd.CooperativeSGD(algo, optax.sgd(0.05), loss)
-        state, metrics = trainer.run(trainer.init(init), batches, steps)
-        cols = trainer.columns(state)
-        out[name] = {"w": np.asarray(cols["w"]).tolist(), "b": np.asarray(cols["b"]).tolist(),
-                     "loss": np.asarray(metrics.loss).tolist()}
+    for runs, fn, start, data in ((algorithms, loss, init, batches),
+                                  (grouped, grouped_loss, grouped_init, grouped_batches)):
+        for name, algo in runs.items():
+            trainer = coopsgd.CooperativeSGD(algo, optax.sgd(0.05), fn)
+            state, metrics = trainer.run(trainer.init(start), data, steps)
+            out[name] = record(trainer, state, metrics)
     return out
 
 
@@ -185,13 +234,16 @@ def main(argv=None) -> dict:
 
     multi = launch(steps, m=args.m, num_processes=args.num_processes,
                    local_devices=args.local_devices)
-    ref = simulate(steps, m=args.m)
+    ref = simulate(steps, m=args.m, num_processes=args.num_processes)
     report = {"processes": args.num_processes, "global_devices": multi["devices"], "m": args.m,
               "steps": steps}
     for name in ref:
         diff = max(float(np.max(np.abs(np.asarray(multi[name][k]) - np.asarray(ref[name][k]))))
-                   for k in ("w", "b"))
+                   for k in ref[name] if k != "loss")
         report[name] = {"max_abs_diff_vs_simulate": diff, "final_loss": multi[name]["loss"][-1]}
+        if name + "_fed_workers" in multi:
+            report[name]["workers_fed_by_process_0"] = multi[name + "_fed_workers"]
+            report[name]["w1_spec"] = multi[name + "_w1_spec"]
     print(json.dumps(report, indent=2))
     return report
 

@@ -39,6 +39,14 @@ def test_two_processes_equal_simulation():
                                        err_msg=f"{name}/{key}")
     # EASGD keeps its anchor: 8 workers + 1 auxiliary column came back.
     assert len(multi["easgd"]["b"]) == 9
+    # A 2-D mesh, one row per process: the workers span the processes, each model is sharded over
+    # its process's 2 devices, and each process fed only its own 2 workers' batches.
+    for name in ("grouped_local_sgd", "grouped_ring_dpsgd"):
+        assert multi[name + "_fed_workers"] == [0, 1]
+        assert multi[name + "_w1_spec"] == "P('workers', None, 'model')"
+        for key in ("w1", "b1", "w2", "loss"):
+            np.testing.assert_allclose(multi[name][key], ref[name][key], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{name}/{key}")
 
 
 # -- faults: every process that is there ends with one line, in bounded time ------------------------

@@ -263,8 +263,9 @@ def test_pure_round_functions_inside_your_own_jit():
 
     @jax.jit
     def my_step(x, o, s, k, key, batch, mixes):
-        x, o, s, _, _ = engine.local_step(spec, axis, x, o, s, k, key, batch)
-        mixed = engine.round_end(spec, axis, x, o, s, coopsgd.MixRound(mixing.static, mixing.args, mixing.moves), True)
+        x, o, s, _, _, _ = engine.local_step(spec, axis, x, o, s, (), k, key, batch)
+        mixed = engine.round_end(spec, axis, x, o, s, coopsgd.MixRound(mixing.static, mixing.args, mixing.moves),
+                                 True)[:3]
         return jax.tree.map(lambda a, b: jnp.where(mixes, a, b), mixed, (x, o, s))
 
     state = trainer.init(INIT)

@@ -39,6 +39,10 @@ BACKENDS: tuple[str, ...] = ("simulate", "pmap", "shard_map")
 """Every backend, by name."""
 
 
+DONATED = (0, 1, 2, 3)
+"""The arguments a donating program consumes: models, optimizer, mixer and model states."""
+
+
 def _split_check(m: int, count: int, what: str) -> int:
     if m % count:
         lo, hi = (m // count) * count, (m // count + 1) * count
@@ -67,6 +71,20 @@ class Backend:
     def axis(self) -> WorkerAxis:
         """The worker axis the per-device program sees."""
         return WorkerAxis(self.m, self.axis_name, self.num_devices)
+
+    def bind(self, params) -> None:
+        """Check what this layout needs of the model ``params`` (one worker's pytree) before it is
+        placed; a layout that splits each model over devices records how (:class:`ShardMap`)."""
+
+    def local_workers(self) -> np.ndarray:
+        """The workers whose devices this process holds, in order (all m in one process)."""
+        return np.arange(self.m)
+
+    @property
+    def fed_workers(self) -> int:
+        """How many workers' batches a batch leaf may hold on this process: all m, or (on shard_map
+        across processes) only this process's own, :meth:`local_workers`."""
+        return len(self.local_workers())
 
     def place_workers(self, stacked):
         """Per-worker values with leading axis m (models, optimizer and per-worker mixer state)."""
@@ -108,12 +126,13 @@ class Backend:
         return self.name, self.m
 
     def compile(self, local_fn, summarize, length: int, mixes: bool, donate: bool = False):
-        """The launched program ``(params, opt, mix_state, step, rounds, key, batches, args, moves,
-        todo) → (params, opt, mix_state, step + todo·length, rounds + todo·mixes, summary)`` around
-        the per-device ``local_fn(params, opt, mix_state, step, key, batches, args, moves, todo) →
-        (params, opt, mix_state, outs)``, ``todo`` the rounds to run (a replicated int32 scalar);
-        with ``donate`` the first three arguments' buffers are reused for the results (the state
-        passed in is consumed)."""
+        """The launched program ``(params, opt, mix_state, model_state, step, rounds, key, batches,
+        args, moves, todo) → (params, opt, mix_state, model_state, step + todo·length, rounds +
+        todo·mixes, summary)`` around the per-device ``local_fn(params, opt, mix_state,
+        model_state, step, key, batches, args, moves, todo) → (params, opt, mix_state,
+        model_state, outs)``, ``todo`` the rounds to run (a replicated int32 scalar); with
+        ``donate`` the first four arguments' buffers are reused for the results (the state passed
+        in is consumed)."""
         raise NotImplementedError
 
 
@@ -146,11 +165,11 @@ class Simulate(Backend):
         return placed
 
     def compile(self, local_fn, summarize, length: int, mixes: bool, donate: bool = False):
-        def program(params, opt, mix_state, step, count, key, batches, args, moves, todo):
-            params, opt, mix_state, outs = local_fn(params, opt, mix_state, step, key, batches, args, moves, todo)
-            return params, opt, mix_state, step + todo * length, count + todo * mixes, summarize(outs)
+        def program(params, opt, mix_state, ms, step, count, key, batches, args, moves, todo):
+            *state, outs = local_fn(params, opt, mix_state, ms, step, key, batches, args, moves, todo)
+            return *state, step + todo * length, count + todo * mixes, summarize(outs)
 
-        return jax.jit(program, donate_argnums=(0, 1, 2) if donate else ())
+        return jax.jit(program, donate_argnums=DONATED if donate else ())
 
 
 def _identity(x):
@@ -221,9 +240,9 @@ class Pmap(Backend):
                     "consensus": None if outs["consensus"] is None else outs["consensus"][0]}
             return summarize(outs)
 
-        def program(params, opt, mix_state, step, count, key, batches, args, moves, todo):
-            params, opt, mix_state, outs = mapped((params, opt, mix_state, step, key, batches, args, moves, todo))
-            return params, opt, mix_state, step + todo * length, count + todo * mixes, finish(outs)
+        def program(params, opt, mix_state, ms, step, count, key, batches, args, moves, todo):
+            *state, outs = mapped((params, opt, mix_state, ms, step, key, batches, args, moves, todo))
+            return *state, step + todo * length, count + todo * mixes, finish(outs)
 
         return program
 
@@ -233,22 +252,52 @@ class Pmap(Backend):
         the number of arguments (e.g. an optimizer state with no leaves, like plain SGD's), which
         silently maps a scalar argument."""
         return jax.pmap(lambda args: local_fn(*args), axis_name=AXIS,
-                        in_axes=((0, 0, 0, None, None, 0, None, None, None),), out_axes=0, devices=self.devices)
+                        in_axes=((0, 0, 0, 0, None, None, 0, None, None, None),), out_axes=0, devices=self.devices)
+
+
+def _is_spec(x) -> bool:
+    return x is None or isinstance(x, P)
 
 
 class ShardMap(Backend):
-    """``jax.shard_map`` over a mesh with an axis ``"workers"``; also across processes."""
+    """``jax.shard_map`` over a mesh with an axis ``"workers"``; also across processes.
+
+    A mesh may have more axes beside ``"workers"`` (e.g. ``("workers", "model")``): then a worker is
+    the group of devices along them, and ``param_specs`` — a pytree of ``PartitionSpec`` s over
+    those axes, one per parameter leaf — says how each worker's model is sharded over its group
+    (FSDP or tensor-parallel layouts). The program is manual over ``"workers"`` only
+    (``shard_map(..., axis_names={"workers"})``): inside a group the local steps are partitioned
+    by GSPMD from the parameters' shardings, and the mixing's collectives run over ``"workers"``
+    alone. A leaf of the optimizer, mixer or model state that mirrors a parameter (same trailing
+    path and shape, e.g. Adam's ``mu``) is sharded like it; every other per-worker leaf is split
+    over the workers and replicated within the group. Every program returns the state in the
+    layout it was given, so nothing is silently replicated.
+    """
 
     name = "shard_map"
 
-    def __init__(self, m: int, devices=None, mesh=None):
+    def __init__(self, m: int, devices=None, mesh=None, param_specs=None):
         if mesh is None:
             devices = list(devices) if devices is not None else jax.devices()
             mesh = jax.make_mesh((len(devices),), (AXIS,), devices=devices,
                                  axis_types=(jax.sharding.AxisType.Auto,))
+        if not isinstance(mesh, jax.sharding.Mesh):
+            raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
         if AXIS not in mesh.axis_names:
-            raise ValueError(f"the mesh needs an axis named {AXIS!r}, got axes {mesh.axis_names}")
+            raise ValueError(f"the mesh needs an axis named {AXIS!r} (the worker axis), got axes {mesh.axis_names}; "
+                             f"e.g. jax.make_mesh((4, 2), ({AXIS!r}, 'model'))")
         self.mesh = mesh
+        self.group_axes = tuple(a for a in mesh.axis_names if a != AXIS)
+        self.group_size = int(np.prod([mesh.shape[a] for a in self.group_axes], dtype=int))
+        if param_specs is not None and not self.group_axes:
+            raise ValueError(f"param_specs shard each worker's model over the mesh's axes beside {AXIS!r}, but "
+                             f"the mesh has no other axis ({mesh.axis_names}); add one, e.g. ({AXIS!r}, 'model')")
+        if param_specs is None and self.group_size > 1:
+            raise ValueError(f"the mesh has axes {self.group_axes} beside {AXIS!r} (a worker is a group of "
+                             f"{self.group_size} devices) but no param_specs say how a model is sharded over them; "
+                             f"pass param_specs, a PartitionSpec per parameter leaf (P() replicates a leaf)")
+        self.param_specs = param_specs
+        self._layouts: list[tuple[tuple, tuple, P]] = []  # (path, shape, spec) per parameter leaf
         self.num_devices = mesh.shape[AXIS]
         self.axis_name = AXIS
         self.sharded = NamedSharding(mesh, P(AXIS))
@@ -256,22 +305,95 @@ class ShardMap(Backend):
         self.replicated = NamedSharding(mesh, P())
         super().__init__(m)
 
+    def bind(self, params) -> None:
+        """Check ``param_specs`` against one worker's ``params`` and the mesh, and record each
+        leaf's layout.
+
+        Raises:
+            ValueError: naming the leaf whose spec is missing, not a PartitionSpec, longer than
+                the leaf's rank, names an axis the mesh lacks (or ``"workers"``, or one axis
+                twice), or splits a dimension the axis sizes do not divide.
+        """
+        if self.param_specs is None:
+            return
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        try:
+            specs = jax.tree.structure(params).flatten_up_to(
+                jax.tree.map(lambda x: x, self.param_specs, is_leaf=_is_spec))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"param_specs must have the structure of the params, one PartitionSpec per leaf "
+                             f"{jax.tree.structure(params)}; got {jax.tree.structure(self.param_specs, is_leaf=_is_spec)}"
+                             f" ({err})") from None
+        layouts = []
+        for (path, leaf), spec in zip(leaves, specs):
+            name, shape = f"params{jax.tree_util.keystr(path)}", tuple(np.shape(leaf))
+            spec = P() if spec is None else spec
+            if not isinstance(spec, P):
+                raise ValueError(f"param_specs for {name} must be a PartitionSpec, got {spec!r}")
+            if len(spec) > len(shape):
+                raise ValueError(f"param_specs for {name} is {spec}, {len(spec)} entries for a leaf of shape {shape}")
+            used: list[str] = []
+            for dim, entry in enumerate(spec):
+                names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+                for a in names:
+                    if a == AXIS or a not in self.group_axes:
+                        raise ValueError(f"param_specs for {name} names mesh axis {a!r}, but a model can be "
+                                         f"sharded only over the axes beside {AXIS!r}: {self.group_axes}")
+                    if a in used:
+                        raise ValueError(f"param_specs for {name} is {spec}: axis {a!r} is used twice")
+                    used.append(a)
+                size = int(np.prod([self.mesh.shape[a] for a in names], dtype=int))
+                if shape[dim] % size:
+                    raise ValueError(f"param_specs for {name} is {spec}: dimension {dim} of shape {shape} has "
+                                     f"{shape[dim]} entries, not a multiple of the {size} devices of {names}")
+            layouts.append((tuple(path), shape, spec))
+        self._layouts = layouts
+
+    def _sharding(self, path: tuple, shape: tuple) -> NamedSharding:
+        """A per-worker leaf's layout: that of the parameter it mirrors (a parameter path that
+        ends its path, same shape past the worker axis), else split over the workers only."""
+        for p, s, spec in self._layouts:
+            if shape[1:] == s and tuple(path[len(path) - len(p):]) == p:
+                return NamedSharding(self.mesh, P(AXIS, *spec))
+        return self.sharded
+
     def _global(self, host: np.ndarray, sharding):
         host = np.asarray(host)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
     def place_workers(self, stacked):
-        return jax.tree.map(lambda x: self._global(np.asarray(x), self.sharded), stacked)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: self._global(np.asarray(x), self._sharding(tuple(path), np.shape(x))), stacked)
 
     def place_shared(self, tree):
         return jax.tree.map(self.replicate, tree)
 
+    @functools.cached_property
+    def _local(self) -> np.ndarray:
+        if jax.process_count() == 1:
+            return np.arange(self.m)
+        rows = self.batch_sharding.addressable_devices_indices_map((1, self.m)).values()
+        ids = np.unique(np.concatenate([np.arange(self.m)[r[1]] for r in rows]))
+        if ids.size and ids[-1] - ids[0] + 1 != ids.size:
+            raise ValueError(f"this process holds the devices of workers {ids.tolist()}, not a contiguous range, so "
+                             f"it cannot feed only its own workers' batches; order the mesh's devices by process")
+        return ids
+
+    def local_workers(self) -> np.ndarray:
+        return self._local
+
     def place_batches(self, batches):
+        """Batches with leaves (steps, m, …) — the same on every process — or, in a multi-process
+        run, (steps, k, …) holding only this process's k :meth:`local_workers` (assembled with
+        ``jax.make_array_from_process_local_data``, nothing crosses processes)."""
         def one(x):
             if isinstance(x, jax.Array) and x.sharding == self.batch_sharding:
                 return x
             if isinstance(x, jax.Array) and jax.process_count() == 1:
                 return jax.device_put(x, self.batch_sharding)
+            if x.shape[1] != self.m:  # this process's workers only
+                global_shape = (x.shape[0], self.m) + tuple(x.shape[2:])
+                return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x), global_shape)
             return self._global(np.asarray(x), self.batch_sharding)
 
         return jax.tree.map(one, batches)
@@ -303,17 +425,25 @@ class ShardMap(Backend):
         mapped = self.shard_mapped(local_fn)
         replicated = self.replicated
 
-        def main_fn(params, opt, mix_state, step, count, key, batches, args, moves, todo):
-            params, opt, mix_state, outs = mapped(params, opt, mix_state, step, key, batches, args, moves, todo)
-            return params, opt, mix_state, step + todo * length, count + todo * mixes, outs
+        def main_fn(params, opt, mix_state, ms, step, count, key, batches, args, moves, todo):
+            *state, outs = mapped(params, opt, mix_state, ms, step, key, batches, args, moves, todo)
+            return *state, step + todo * length, count + todo * mixes, outs
 
-        main = jax.jit(main_fn, donate_argnums=(0, 1, 2) if donate else ())
+        mains: dict = {}  # one per layout of the state: its results pinned to the layout given
+
+        def main(*args):
+            layout = jax.tree.map(lambda x: x.sharding, args[: len(DONATED)])
+            signature = (jax.tree.structure(layout), tuple(jax.tree.leaves(layout)))
+            if signature not in mains:
+                mains[signature] = jax.jit(main_fn, donate_argnums=DONATED if donate else (),
+                                           out_shardings=(*layout, replicated, replicated, None))
+            return mains[signature](*args)
 
         summary = jax.jit(summarize, out_shardings=replicated)
 
         def program(*args):
-            params, opt, mix_state, step, count, outs = main(*args)
-            return params, opt, mix_state, step, count, summary(outs)
+            *state, outs = main(*args)
+            return *state, summary(outs)
 
         return program
 
@@ -325,18 +455,23 @@ class ShardMap(Backend):
         mix_spec = MixerState(per_worker=P(AXIS), shared=P())
         return jax.shard_map(
             local_fn, mesh=self.mesh,
-            in_specs=(P(AXIS), P(AXIS), mix_spec, P(), P(), P(None, AXIS), P(), P(), P()),
-            out_specs=(P(AXIS), P(AXIS), mix_spec, spec_out),
-            check_vma=False,
+            in_specs=(P(AXIS), P(AXIS), mix_spec, P(AXIS), P(), P(), P(None, AXIS), P(), P(), P()),
+            out_specs=(P(AXIS), P(AXIS), mix_spec, P(AXIS), spec_out),
+            axis_names={AXIS}, check_vma=False,
         )
 
 
-def make_backend(name, m: int, devices=None, mesh=None) -> Backend:
-    """The backend called ``name`` (one of :data:`BACKENDS`) for m workers.
+def make_backend(name, m: int, devices=None, mesh=None, param_specs=None) -> Backend:
+    """The backend called ``name`` (one of :data:`BACKENDS`) for m workers; ``mesh`` and
+    ``param_specs`` are the shard_map backend's (see :class:`ShardMap`).
 
     Raises:
-        ValueError: for an unknown name, or when m is not a multiple of the device count.
+        ValueError: for an unknown name, options the backend does not take, or when m is not a
+            multiple of the device count.
     """
+    if name != "shard_map" and (mesh is not None or param_specs is not None):
+        given = "mesh" if mesh is not None else "param_specs"
+        raise ValueError(f"{given} is an option of backend='shard_map', got backend={getattr(name, 'name', name)!r}")
     if isinstance(name, Backend):
         if name.m != m:
             raise ValueError(f"backend {name.name!r} was built for m = {name.m}, but the algorithm has m = {m}")
@@ -346,4 +481,4 @@ def make_backend(name, m: int, devices=None, mesh=None) -> Backend:
     if name == "pmap":
         return Pmap(m, devices=devices)
     require_choice("backend", name, BACKENDS, "backends")
-    return ShardMap(m, devices=devices, mesh=mesh)
+    return ShardMap(m, devices=devices, mesh=mesh, param_specs=param_specs)

@@ -11,29 +11,61 @@ import numpy as np
 
 from coopsgd.core.validate import require_real_dtype
 
-__all__ = ["BatchSource", "check_batch", "check_leading", "check_loss", "pad_steps"]
+__all__ = ["BatchSource", "check_batch", "check_leading", "check_loss", "check_state", "pad_steps"]
 
 
-def check_leading(batch, m: int) -> None:
-    """Every leaf of one step's batch has leading axis m."""
+def _fed(m: int, fed: int | None) -> str:
+    return "" if fed in (None, m) else f" (or ({fed}, ...): the {fed} workers this process feeds)"
+
+
+def check_leading(batch, m: int, fed: int | None = None) -> None:
+    """Every leaf of one step's batch has leading axis m — or ``fed``, the workers this process
+    feeds in a multi-process run — the same for every leaf."""
+    allowed = {m} if fed is None else {m, fed}
+    sizes = set()
     for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
         shape = tuple(np.shape(leaf))
-        if shape[:1] != (m,):
+        if not shape or shape[0] not in allowed:
             raise ValueError(
                 f"batch{jax.tree_util.keystr(path)} has leading axis "
                 f"{shape[0] if shape else '() (a scalar)'} but there are m = {m} workers: "
-                f"every batch leaf needs shape (m, ...) = ({m}, ...), got {shape}"
+                f"every batch leaf needs shape (m, ...) = ({m}, ...){_fed(m, fed)}, got {shape}"
             )
+        sizes.add(shape[0])
+    if len(sizes) > 1:
+        raise ValueError(f"batch leaves disagree on the worker axis: some have {min(sizes)} rows, some {max(sizes)}; "
+                         f"either all m = {m} workers' batches or only this process's {fed}")
 
 
-def check_loss(loss_fn, params_spec, single_batch, *, has_aux: bool, with_rng: bool) -> None:
+def check_state(given, returned) -> None:
+    """The model state a loss returns has the structure, shapes and dtypes it was given (a state
+    that changes shape would recompile, or break the scan, at every step)."""
+    if jax.tree.structure(given) != jax.tree.structure(returned):
+        raise ValueError(f"loss_fn returned a model state of structure {jax.tree.structure(returned)}, but was "
+                         f"given {jax.tree.structure(given)}: the model state must keep its structure across steps")
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(given)[0], jax.tree.leaves(returned)):
+        if (tuple(a.shape), jnp.result_type(a)) != (tuple(b.shape), jnp.result_type(b)):
+            raise ValueError(f"loss_fn returned model_state{jax.tree_util.keystr(path)} with shape {tuple(b.shape)} "
+                             f"and dtype {jnp.result_type(b)}, but was given shape {tuple(a.shape)} and dtype "
+                             f"{jnp.result_type(a)}: the model state must keep its shapes and dtypes across steps")
+
+
+def check_loss(loss_fn, params_spec, single_batch, *, has_aux: bool, with_rng: bool, state_spec=None) -> None:
     """Trace ``loss_fn`` on one worker's params and batch slice (``jax.eval_shape``): it must run
-    and return a scalar (or ``(scalar, aux)`` with ``has_aux``)."""
-    args = (params_spec, single_batch) + ((jax.random.key(0),) if with_rng else ())
+    and return a scalar (or ``(scalar, aux)`` with ``has_aux``); with a ``state_spec`` (a loss with
+    model state) it takes the state before the batch and returns ``(that, new_state)``, the new
+    state shaped like the old."""
+    state = () if state_spec is None else (state_spec,)
+    args = (params_spec, *state, single_batch) + ((jax.random.key(0),) if with_rng else ())
     try:
         out = jax.eval_shape(loss_fn, *args)
     except Exception as err:  # the user's function failed on one worker's batch
         raise ValueError(f"loss_fn failed on one worker's params and batch slice: {err}") from err
+    if state_spec is not None:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise ValueError(f"with has_state=True loss_fn must return (loss, new_model_state), got {out!r}")
+        out, new_state = out
+        check_state(state_spec, new_state)
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
             raise ValueError(f"with has_aux=True loss_fn must return (loss, aux), got {out!r}")
@@ -46,7 +78,8 @@ def check_loss(loss_fn, params_spec, single_batch, *, has_aux: bool, with_rng: b
         )
 
 
-def check_batch(loss_fn, batches, params_spec, *, has_aux: bool, with_rng: bool, seen: set) -> None:
+def check_batch(loss_fn, batches, params_spec, *, has_aux: bool, with_rng: bool, seen: set,
+                state_spec=None) -> None:
     """The loss on one worker's slice of ``batches`` (leaves (steps, m, …)) traces to a real
     floating scalar: checked once per batch signature (``seen`` holds the signatures checked)."""
     leaves, treedef = jax.tree.flatten(batches)
@@ -58,13 +91,14 @@ def check_batch(loss_fn, batches, params_spec, *, has_aux: bool, with_rng: bool,
 
     def recording(*args):  # the same trace, noting the loss's dtype for the check below
         out = loss_fn(*args)
+        value = out[0] if state_spec is not None and isinstance(out, tuple) else out
         try:
-            dtypes.append(jnp.result_type(out[0] if has_aux and isinstance(out, tuple) else out))
+            dtypes.append(jnp.result_type(value[0] if has_aux and isinstance(value, tuple) else value))
         except TypeError:  # not an array: check_loss names it
             pass
         return out
 
-    check_loss(recording, params_spec, single, has_aux=has_aux, with_rng=with_rng)
+    check_loss(recording, params_spec, single, has_aux=has_aux, with_rng=with_rng, state_spec=state_spec)
     if dtypes:  # jax.grad needs a real floating loss
         require_real_dtype("loss_fn's output", dtypes[0], what="a real floating scalar (jax.grad needs one)",
                            fix="return a float loss (e.g. jnp.mean over float arrays; jnp.abs of a complex value)")
@@ -89,26 +123,28 @@ class BatchSource:
     batches, or a callable ``step -> batch``; handed out as leaves (count, m, …).
 
     A callable receives the *global* step index (``state.step`` of the step it feeds), so a loop of
-    ``run`` calls keeps drawing new batches.
+    ``run`` calls keeps drawing new batches. In a multi-process run the worker axis may hold only
+    the ``fed`` workers of this process.
     """
 
-    def __init__(self, batches, steps: int, m: int, first_step: int = 0):
-        self.m, self.steps, self.first_step = m, steps, first_step
+    def __init__(self, batches, steps: int, m: int, first_step: int = 0, fed: int | None = None):
+        self.m, self.steps, self.first_step, self.fed = m, steps, first_step, fed
+        workers = {m} if fed is None else {m, fed}
         if isinstance(batches, Iterator):
             self.kind, self.it = "iter", batches
         elif callable(batches) and not isinstance(batches, (np.ndarray, jax.Array)):
             self.kind, self.fn = "callable", batches
         else:
             self.kind, self.tree = "stacked", batches
-            if all(len(np.shape(x)) >= 2 and np.shape(x)[0] >= steps and np.shape(x)[1] == m
+            if all(len(np.shape(x)) >= 2 and np.shape(x)[0] >= steps and np.shape(x)[1] in workers
                    for x in jax.tree.leaves(batches)):
                 return
             for path, leaf in jax.tree_util.tree_flatten_with_path(batches)[0]:  # name the bad leaf
                 shape = tuple(np.shape(leaf))
-                if len(shape) < 2 or shape[0] < steps or shape[1] != m:
+                if len(shape) < 2 or shape[0] < steps or shape[1] not in workers:
                     raise ValueError(
                         f"batches{jax.tree_util.keystr(path)} has shape {shape} but run needs "
-                        f"leaves of shape (steps, m, ...) with steps >= {steps} and m = {m}"
+                        f"leaves of shape (steps, m, ...) with steps >= {steps} and m = {m}{_fed(m, fed)}"
                     )
 
     def take(self, offset: int, count: int):
@@ -120,9 +156,5 @@ class BatchSource:
         items = [self.fn(self.first_step + offset + i) if self.kind == "callable" else next(self.it)
                  for i in range(count)]
         for item in items:
-            for path, leaf in jax.tree_util.tree_flatten_with_path(item)[0]:
-                if tuple(np.shape(leaf))[:1] != (self.m,):
-                    raise ValueError(
-                        f"batch{jax.tree_util.keystr(path)} has shape {np.shape(leaf)} but every "
-                        f"batch leaf needs leading axis m = {self.m}")
+            check_leading(item, self.m, self.fed)
         return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *items)

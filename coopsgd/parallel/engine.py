@@ -43,35 +43,58 @@ class Spec(NamedTuple):
     has_aux: bool = False
     with_rng: bool = False
     track_consensus: bool = True
+    has_state: bool = False
+    state_sync: OptimizerSync | None = None
 
 
-def init_state(spec: Spec, params, seed: int = 0, rule=()) -> EngineState:
-    """The state before step 0 on the simulate layout: every worker starts at ``params``, with its
-    own ``optimizer.init``; the mixer's state comes from ``mixer.init`` of those columns."""
+def init_state(spec: Spec, params, seed: int = 0, rule=(), model_state=()) -> EngineState:
+    """The state before step 0 on the simulate layout: every worker starts at ``params`` (and
+    ``model_state``), with its own ``optimizer.init``; the mixer's state comes from ``mixer.init``
+    of those columns."""
     workers = jax.tree.map(lambda p: np.broadcast_to(np.asarray(p), (spec.m,) + np.shape(p)), params)
     init = _programs.program(("optimizer init", _programs.fingerprint(spec.optimizer.init), spec.m),
                              lambda: jax.jit(jax.vmap(spec.optimizer.init, in_axes=None, axis_size=spec.m)))
     opt_state = init(params)
+    states = jax.tree.map(lambda p: np.broadcast_to(np.asarray(p), (spec.m,) + np.shape(p)), model_state)
     return EngineState(params=workers, opt_state=opt_state, mix_state=spec.mixer.init(workers),
                        step=jnp.asarray(0, jnp.int32), rounds=jnp.asarray(0, jnp.int32),
-                       key=jax.random.key(seed), period=PeriodState(rule=rule))
+                       key=jax.random.key(seed), period=PeriodState(rule=rule), model_state=states)
 
 
-def local_step(spec: Spec, axis: WorkerAxis, x, o, s: MixerState, k, key, batch):
-    """One optimizer step on this device's workers: ``(x, o, s, losses, aux)``. With ``with_rng``
-    the loss gets the key ``fold_in(fold_in(key, k), i)`` of worker i. A mixer with a
-    ``direction`` turns the gradients into what the optimizer is given (gradient tracking's y)."""
-    value_and_grad = jax.value_and_grad(spec.loss_fn, has_aux=spec.has_aux)
+def _per_worker_loss(spec: Spec, state_tree):
+    """``f(params, model_state_leaves, batch[, key]) -> ((loss, (aux, model_state)), grads)`` for
+    one worker, whatever of ``has_aux``, ``has_state`` and ``with_rng`` the loss was given with.
+    The model state is rebuilt from its leaves inside the differentiated function, so that state
+    objects a model mutates in place (flax nnx's ``Variable`` s) belong to the trace that mutates
+    them."""
+    def loss(params, leaves, batch, *key):
+        model_state = jax.tree.unflatten(state_tree, leaves)
+        if spec.has_state:
+            out, model_state = spec.loss_fn(params, model_state, batch, *key)
+        else:
+            out = spec.loss_fn(params, batch, *key)
+        value, aux = out if spec.has_aux else (out, None)
+        return value, (aux, model_state)
+
+    return jax.value_and_grad(loss, has_aux=True)
+
+
+def local_step(spec: Spec, axis: WorkerAxis, x, o, s: MixerState, ms, k, key, batch):
+    """One optimizer step on this device's workers: ``(x, o, s, ms, losses, aux)``, ``ms`` the
+    workers' model states (``()`` unless the loss has state). With ``with_rng`` the loss gets the
+    key ``fold_in(fold_in(key, k), i)`` of worker i. A mixer with a ``direction`` turns the
+    gradients into what the optimizer is given (gradient tracking's y)."""
+    leaves, tree = jax.tree.flatten(ms)
+    value_and_grad = _per_worker_loss(spec, tree)
     if spec.with_rng:
         keys = jax.vmap(lambda w: jax.random.fold_in(jax.random.fold_in(key, k), w))(axis.ids())
-        out, grads = jax.vmap(value_and_grad)(x, batch, keys)
+        (loss, (aux, ms)), grads = jax.vmap(value_and_grad)(x, leaves, batch, keys)
     else:
-        out, grads = jax.vmap(value_and_grad)(x, batch)
-    loss, aux = out if spec.has_aux else (out, None)
+        (loss, (aux, ms)), grads = jax.vmap(value_and_grad)(x, leaves, batch)
     if spec.mixer.direction is not None:
         grads, s = spec.mixer.direction(grads, x, s, axis)
     updates, o = jax.vmap(spec.optimizer.update)(grads, o, x)
-    return optax.apply_updates(x, updates), o, s, loss, aux
+    return optax.apply_updates(x, updates), o, s, ms, loss, aux
 
 
 def consensus(axis: WorkerAxis, x):
@@ -104,14 +127,23 @@ def column_mean(columns):
     return jax.tree.map(lambda x: leading_sum(x) / x.shape[0], columns)
 
 
-def round_end(spec: Spec, axis: WorkerAxis, x, o, s: MixerState, mix_round: MixRound, sync_some: bool):
+def _synced(policy: OptimizerSync | None, tree, x, axis: WorkerAxis, moves):
+    """``tree`` after ``policy`` where this round's mixing ``moves`` data (unchanged elsewhere)."""
+    if policy is None or policy.identity or not jax.tree.leaves(tree):
+        return tree
+    synced = policy.apply(tree, x, axis)
+    return jax.tree.map(lambda a, b: jnp.where(moves, a, b), synced, tree)
+
+
+def round_end(spec: Spec, axis: WorkerAxis, x, o, s: MixerState, mix_round: MixRound, sync_some: bool,
+              ms=()):
     """The round's end: the mixer, then (if ``sync_some``: some round of this program moved data)
-    the optimizer-state policy where ``mix_round.moves``."""
+    the optimizer-state and model-state policies where ``mix_round.moves``: ``(x, o, s, ms)``."""
     x, s = spec.mixer.apply(x, s, mix_round, axis)
-    if sync_some and not spec.sync.identity:
-        synced = spec.sync.apply(o, x, axis)
-        o = jax.tree.map(lambda a, b: jnp.where(mix_round.moves, a, b), synced, o)
-    return x, o, s
+    if sync_some:
+        o = _synced(spec.sync, o, x, axis, mix_round.moves)
+        ms = _synced(spec.state_sync, ms, x, axis, mix_round.moves)
+    return x, o, s, ms
 
 
 def round_program(spec: Spec, axis: WorkerAxis, rounds: int, length: int, mixes: bool,
@@ -119,8 +151,8 @@ def round_program(spec: Spec, axis: WorkerAxis, rounds: int, length: int, mixes:
     """The per-device computation of up to ``rounds`` rounds of ``length`` local steps, each ending
     (if ``mixes``) with the mixing whose static structure is ``static``.
 
-    Returns ``fn(params, opt, mix_state, step, key, batches, args, moves, todo=None) -> (params,
-    opt, mix_state, outs)`` with ``batches`` leaves (rounds·length, m/D, …), ``args`` and ``moves``
+    Returns ``fn(params, opt, mix_state, model_state, step, key, batches, args, moves, todo=None) ->
+    (params, opt, mix_state, model_state, outs)`` with ``batches`` leaves (rounds·length, m/D, …), ``args`` and ``moves``
     stacked over the rounds, and ``outs`` the per-step losses, aux and consensus. With
     ``rounds > 1`` only the first ``todo`` rounds run (a traced count, 1 ≤ todo ≤ rounds: one
     program serves every call of whole rounds, the last, shorter one of a run included); the
@@ -129,35 +161,35 @@ def round_program(spec: Spec, axis: WorkerAxis, rounds: int, length: int, mixes:
     track = spec.track_consensus
 
     def body(c, b):
-        x, o, s, k, key = c
-        x, o, s, loss, aux = local_step(spec, axis, x, o, s, k, key, b)
-        return (x, o, s, k + 1, key), (loss, aux, consensus(axis, x) if track else None)
+        x, o, s, ms, k, key = c
+        x, o, s, ms, loss, aux = local_step(spec, axis, x, o, s, ms, k, key, b)
+        return (x, o, s, ms, k + 1, key), (loss, aux, consensus(axis, x) if track else None)
 
-    def one_round(x, o, s, k, key, batch, round_args, moved):
+    def one_round(x, o, s, ms, k, key, batch, round_args, moved):
         if not mixes or not track:
             # One scan over the whole round, then the mixing (the usual, leanest program).
-            (x, o, s, k, _), outs = lax.scan(body, (x, o, s, k, key), batch)
+            (x, o, s, ms, k, _), outs = lax.scan(body, (x, o, s, ms, k, key), batch)
             if mixes:
-                x, o, s = round_end(spec, axis, x, o, s, MixRound(static, round_args, moved, k), sync_some)
-            return (x, o, s, k), outs
+                x, o, s, ms = round_end(spec, axis, x, o, s, MixRound(static, round_args, moved, k), sync_some, ms)
+            return (x, o, s, ms, k), outs
         # With the consensus metric the last step is unrolled, so that its consensus is
         # measured after the mixing without computing it twice.
         if length > 1:
-            (x, o, s, k, _), head = lax.scan(body, (x, o, s, k, key), jax.tree.map(lambda a: a[:-1], batch))
-        x, o, s, loss, aux = local_step(spec, axis, x, o, s, k, key, jax.tree.map(lambda a: a[-1], batch))
+            (x, o, s, ms, k, _), head = lax.scan(body, (x, o, s, ms, k, key), jax.tree.map(lambda a: a[:-1], batch))
+        x, o, s, ms, loss, aux = local_step(spec, axis, x, o, s, ms, k, key, jax.tree.map(lambda a: a[-1], batch))
         k = k + 1
-        x, o, s = round_end(spec, axis, x, o, s, MixRound(static, round_args, moved, k), sync_some)
+        x, o, s, ms = round_end(spec, axis, x, o, s, MixRound(static, round_args, moved, k), sync_some, ms)
         outs = jax.tree.map(lambda a: a[None], (loss, aux, consensus(axis, x)))
         if length > 1:
             outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head, outs)
-        return (x, o, s, k), outs
+        return (x, o, s, ms, k), outs
 
-    def fn(params, opt, mix_state, step, key, batches, args, moves, todo=None):
+    def fn(params, opt, mix_state, model_state, step, key, batches, args, moves, todo=None):
         batches = jax.tree.map(lambda a: a.reshape((rounds, length) + a.shape[1:]), batches)
+        carry = (params, opt, mix_state, model_state, step)
         if rounds == 1:
             first = lambda a: a[0]
-            (params, opt, mix_state, _), outs = one_round(
-                params, opt, mix_state, step, key, *jax.tree.map(first, (batches, args, moves)))
+            (*carry, _), outs = one_round(*carry, key, *jax.tree.map(first, (batches, args, moves)))
             outs = jax.tree.map(lambda a: a[None], outs)
         else:
             def loop(i, carry):
@@ -167,15 +199,15 @@ def round_program(spec: Spec, axis: WorkerAxis, rounds: int, length: int, mixes:
                 put = lambda buf, v: lax.dynamic_update_index_in_dim(buf, v, i, 0)
                 return *state, jax.tree.map(put, buffers, outs)
 
-            shapes = jax.eval_shape(lambda *a: one_round(*a)[1], params, opt, mix_state, step, key,
+            shapes = jax.eval_shape(lambda *a: one_round(*a)[1], *carry, key,
                                     *jax.tree.map(lambda a: a[0], (batches, args, moves)))
             buffers = jax.tree.map(lambda a: jnp.zeros((rounds,) + a.shape, a.dtype), shapes)
-            params, opt, mix_state, _, outs = lax.fori_loop(
-                0, todo, loop, (params, opt, mix_state, step, buffers))
+            *carry, _, outs = lax.fori_loop(0, todo, loop, (*carry, buffers))
+        params, opt, mix_state, model_state = carry[:4]
         flat = lambda a: a.reshape((rounds * length,) + a.shape[2:])
         losses, aux, cons = outs
-        return params, opt, mix_state, {"losses": flat(losses), "aux": jax.tree.map(flat, aux),
-                                        "consensus": None if cons is None else flat(cons)}
+        return params, opt, mix_state, model_state, {"losses": flat(losses), "aux": jax.tree.map(flat, aux),
+                                                     "consensus": None if cons is None else flat(cons)}
 
     return fn
 

@@ -75,9 +75,10 @@ def fingerprint(obj, depth: int = 0) -> Hashable:
 
 def spec_key(spec) -> Hashable:
     """What of an :class:`~coopsgd.parallel.engine.Spec` the compiled rounds depend on."""
+    state_sync = None if spec.state_sync is None else (spec.state_sync.apply, spec.state_sync.identity)
     traced = (spec.loss_fn, spec.optimizer, spec.mixer.apply, spec.mixer.direction, spec.sync.apply,
-              spec.sync.identity)
-    return fingerprint(traced), spec.m, spec.has_aux, spec.with_rng, spec.track_consensus
+              spec.sync.identity, state_sync)
+    return fingerprint(traced), spec.m, spec.has_aux, spec.with_rng, spec.track_consensus, spec.has_state
 
 
 def program(key: Hashable, build: Callable[[], Callable]) -> Callable:

@@ -40,6 +40,7 @@ from coopsgd.core.communication import Communication
 from coopsgd.parallel.collectives import WorkerAxis
 
 __all__ = [
+    "STATE_POLICIES",
     "SYNC_POLICIES",
     "MixRound",
     "Mixer",
@@ -49,6 +50,7 @@ __all__ = [
     "SyncPolicy",
     "check_mixer",
     "optimizer_sync",
+    "state_sync",
 ]
 
 
@@ -170,15 +172,50 @@ def optimizer_sync(policy, optimizer) -> OptimizerSync:
         return OptimizerSync(lambda opt, columns, axis: keep_schedule_counts(jax.vmap(optimizer.init)(columns), opt),
                              "reset")
 
-    def average(opt, columns, axis):  # "average"
-        def one(a):
-            if not jnp.issubdtype(a.dtype, jnp.floating):
-                return a
-            return jnp.broadcast_to(axis.mean(a, keepdims=True), a.shape).astype(a.dtype)
+    return OptimizerSync(_average, "average")
 
-        return jax.tree.map(one, opt)
 
-    return OptimizerSync(average, "average")
+def _average(tree, columns, axis: WorkerAxis):
+    """Every floating leaf of a per-worker ``tree`` replaced by its mean over the m workers (one
+    all-reduce); integer leaves (counts) kept."""
+    def one(a):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            return a
+        return jnp.broadcast_to(axis.mean(a, keepdims=True), a.shape).astype(a.dtype)
+
+    return jax.tree.map(one, tree)
+
+
+StatePolicy = Literal["average", "local"]
+"""Named model-state policies at a mixing."""
+
+STATE_POLICIES: tuple[str, ...] = ("average", "local")
+"""What happens to each worker's model state (BatchNorm statistics, any non-``Param`` variable)
+when the models mix:
+
+- ``"average"`` (default): every floating leaf becomes the mean over the m workers at each mixing
+  that moves data, so the statistics follow the models they belong to (one all-reduce of the
+  state; for a gossip W the models mix with their neighbours while the statistics average over
+  all workers);
+- ``"local"``: every worker keeps its own statistics (as FedBN keeps BatchNorm local; Li et al.,
+  "FedBN", ICLR 2021).
+"""
+
+
+def state_sync(policy) -> OptimizerSync:
+    """The model-state policy named ``policy`` (one of :data:`STATE_POLICIES`), as an
+    :class:`OptimizerSync` applied to the model state, or ``policy`` itself if it already is one.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if isinstance(policy, OptimizerSync):
+        return policy
+    if not isinstance(policy, str) or policy not in STATE_POLICIES:
+        raise ValueError(f"state_sync must be one of {STATE_POLICIES} or an OptimizerSync, got {policy!r}")
+    if policy == "local":
+        return OptimizerSync(lambda tree, columns, axis: tree, "local", identity=True)
+    return OptimizerSync(_average, "average")
 
 
 class MixerError(ValueError):

@@ -1,7 +1,7 @@
 """The engine's state and metrics: NamedTuples of arrays, saved and restored by value.
 
 Everything that changes during training is a field of :class:`EngineState`: the models, each
-worker's optimizer state, the mixer's state, the step and round counters, the PRNG key, and the
+worker's optimizer state and model state (BatchNorm statistics), the mixer's state, the step and round counters, the PRNG key, and the
 period schedule's position and state (:class:`PeriodState`, host values, a static pytree node).
 """
 
@@ -51,6 +51,8 @@ class EngineState(NamedTuple):
             current round.
         key: base PRNG key; the key of worker i at step k is ``fold_in(fold_in(key, k), i)``.
         period: the :class:`PeriodState` (host values).
+        model_state: each worker's model state that is not trained by gradients (BatchNorm
+            statistics), laid out like ``params``; ``()`` unless the loss has state.
     """
 
     params: Any
@@ -60,6 +62,7 @@ class EngineState(NamedTuple):
     rounds: jax.Array
     key: jax.Array
     period: PeriodState = PeriodState()
+    model_state: Any = ()
 
 
 class StepMetrics(NamedTuple):

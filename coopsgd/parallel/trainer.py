@@ -39,10 +39,12 @@ from coopsgd.parallel.protocol import (
     Mixer,
     MixRound,
     OptimizerSync,
+    StatePolicy,
     SyncPolicy,
     check_mixer,
     optimizer_sync,
 )
+from coopsgd.parallel.protocol import state_sync as model_state_sync
 from coopsgd.parallel.state import EngineState, PeriodState, StepMetrics, raise_if_nonfinite
 
 __all__ = ["CooperativeSGD"]
@@ -63,20 +65,31 @@ class CooperativeSGD:
         optimizer: an optax ``GradientTransformation``, run independently on every worker.
         loss_fn: ``loss_fn(params, batch)`` → scalar, or ``(scalar, aux)`` with ``has_aux=True``;
             with ``with_rng=True`` it is called as ``loss_fn(params, batch, key)`` with a key per
-            worker and step (e.g. for gradient noise or dropout).
+            worker and step (e.g. for gradient noise or dropout); with ``has_state=True`` as
+            ``loss_fn(params, model_state, batch[, key])`` → ``(loss, new_model_state)`` (or
+            ``((loss, aux), new_model_state)``), the model state (BatchNorm statistics) carried
+            per worker and never differentiated.
         backend: ``"simulate"``, ``"pmap"`` or ``"shard_map"`` (or a
             :class:`~coopsgd.parallel.backends.Backend`).
         sync_optimizer_state: ``"keep"``, ``"average"``, ``"reset"`` (see
             :data:`~coopsgd.parallel.protocol.SYNC_POLICIES`) or an
             :class:`~coopsgd.parallel.protocol.OptimizerSync`.
         has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-        with_rng: whether ``loss_fn`` takes a third argument, a PRNG key.
+        with_rng: whether ``loss_fn`` takes a PRNG key as its last argument.
+        has_state: whether ``loss_fn`` takes and returns a model state (see ``loss_fn``); the
+            initial state is given to :meth:`init`.
+        state_sync: the model state at every mixing that moves data: ``"average"`` (default) or
+            ``"local"`` (:data:`~coopsgd.parallel.protocol.STATE_POLICIES`), or an
+            :class:`~coopsgd.parallel.protocol.OptimizerSync` applied to it.
         track_consensus: compute the consensus distance ``(1/m) Σ_i ‖x_i − x̄‖²`` after every
             step into ``metrics.consensus`` (off by default: it costs a pass over the models every
             step, 20–35 % of a step at 1 M parameters simulated on a CPU, and two all-reduces per
             step on devices; :meth:`consensus` measures it once, when a hook asks).
         devices, mesh: override the devices (pmap, shard_map) or the mesh (shard_map; it needs an
-            axis named ``"workers"``).
+            axis named ``"workers"``; with more axes a worker is a group of devices).
+        param_specs: with a mesh of more axes than ``"workers"``: how each worker's model is
+            sharded over them, a pytree of ``PartitionSpec`` s matching the params (see
+            :class:`~coopsgd.parallel.backends.ShardMap`).
         steps_per_call: the most steps one compiled call runs: whole rounds of a constant period
             with the same mixing structure are fused up to it (one program per round shape runs
             any number of them, up to that many), longer rounds are split.
@@ -99,8 +112,10 @@ class CooperativeSGD:
     def __init__(self, algorithm: Algorithm, optimizer: optax.GradientTransformation, loss_fn: Callable,
                  backend: BackendName | _backends.Backend = "simulate",
                  sync_optimizer_state: SyncPolicy | OptimizerSync = "keep", has_aux: bool = False, *,
-                 with_rng: bool = False, track_consensus: bool = False, devices=None, mesh=None,
-                 steps_per_call: int = 256, mixer: Mixer | None = None, donate: bool = False):
+                 with_rng: bool = False, has_state: bool = False,
+                 state_sync: StatePolicy | OptimizerSync = "average", track_consensus: bool = False,
+                 devices=None, mesh=None, param_specs=None, steps_per_call: int = 256,
+                 mixer: Mixer | None = None, donate: bool = False):
         if not isinstance(algorithm, Algorithm):
             raise ValueError(f"algorithm must be a coopsgd.Algorithm, got {type(algorithm).__name__}")
         if not _is_optax(optimizer):
@@ -116,7 +131,7 @@ class CooperativeSGD:
             raise ValueError(f"mixer must be a coopsgd Mixer, got {type(mixer).__name__}")
         self.algorithm, self.optimizer, self.loss_fn = algorithm, optimizer, loss_fn
         self.m = algorithm.m
-        self.backend = _backends.make_backend(backend, self.m, devices=devices, mesh=mesh)
+        self.backend = _backends.make_backend(backend, self.m, devices=devices, mesh=mesh, param_specs=param_specs)
         devices = not isinstance(self.backend, _backends.Simulate)
         if mixer is None:
             mixer = algorithm.mixer(algorithm, devices) if algorithm.mixer is not None else linear(
@@ -126,7 +141,8 @@ class CooperativeSGD:
                              f"{type(mixer).__name__}")
         self.mixer = mixer
         self.spec = _engine.Spec(loss_fn, optimizer, self.mixer, optimizer_sync(sync_optimizer_state, optimizer),
-                                self.m, bool(has_aux), bool(with_rng), bool(track_consensus))
+                                self.m, bool(has_aux), bool(with_rng), bool(track_consensus), bool(has_state),
+                                model_state_sync(state_sync))
         self.steps_per_call = steps_per_call
         self.donate = bool(donate)
         self._programs: dict = {}
@@ -146,6 +162,10 @@ class CooperativeSGD:
     @property
     def track_consensus(self) -> bool:
         return self.spec.track_consensus
+
+    @property
+    def has_state(self) -> bool:
+        return self.spec.has_state
 
     # ------------------------------------------------------------------ rounds and their cost
     def mix_round(self, r: int = 0) -> MixRound:
@@ -172,13 +192,15 @@ class CooperativeSGD:
         return self.mixer.traffic(r, param_bytes)
 
     # ------------------------------------------------------------------------------- state
-    def init(self, params, seed: int = 0) -> EngineState:
-        """Every worker starts at ``params`` with its own ``optimizer.init``; the mixer's state from
-        ``mixer.init`` (the linear mixer's auxiliary columns start at ``params`` too).
+    def init(self, params, seed: int = 0, model_state=()) -> EngineState:
+        """Every worker starts at ``params`` (and ``model_state``, with ``has_state=True``) with its
+        own ``optimizer.init``; the mixer's state from ``mixer.init`` (the linear mixer's auxiliary
+        columns start at ``params`` too).
 
         Raises:
-            ValueError: if a leaf of ``params`` is not finite or not an array of floats, or the
-                mixer breaks the protocol.
+            ValueError: if a leaf of ``params`` is not finite or not an array of floats, a model
+                state is given without ``has_state=True``, ``param_specs`` do not fit the params,
+                or the mixer breaks the protocol.
         """
         if not jax.tree.leaves(params):
             raise ValueError("params has no array leaves")
@@ -190,7 +212,11 @@ class CooperativeSGD:
             finite = np.isfinite(arr.astype(np.float32))
             if not np.all(finite):
                 raise ValueError(f"initial params{name} has {int(np.sum(~finite))} non-finite entries (NaN or Inf)")
-        raw = _engine.init_state(self.spec, params, seed, rule=self.algorithm.period.init())
+        if jax.tree.leaves(model_state) and not self.has_state:
+            raise ValueError("init got a model_state, but the trainer was built without has_state=True, so the "
+                             "loss would never see it; pass has_state=True and loss_fn(params, model_state, batch)")
+        self.backend.bind(params)
+        raw = _engine.init_state(self.spec, params, seed, rule=self.algorithm.period.init(), model_state=model_state)
         check_mixer(self.mixer, raw.params, raw.mix_state, self.mixer.plan(0), self.m)
         be = self.backend
         return EngineState(
@@ -198,7 +224,7 @@ class CooperativeSGD:
             opt_state=be.place_workers(raw.opt_state),
             mix_state=be.place_mix_state(raw.mix_state),
             step=be.replicate(raw.step), rounds=be.replicate(raw.rounds), key=be.replicate(raw.key),
-            period=raw.period)
+            period=raw.period, model_state=be.place_workers(raw.model_state))
 
     def workers(self, state: EngineState):
         """The m worker models (leading axis m) on any backend."""
@@ -301,11 +327,12 @@ class CooperativeSGD:
         leaves, treedef = jax.tree.flatten(batches)
         signature = (treedef, tuple((x.shape, x.dtype) for x in leaves))
         if signature not in self._checked_batches:  # checked once per batch signature
-            check_leading(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batches), self.m)
+            check_leading(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batches), self.m,
+                          self.backend.fed_workers)
             lead = self.backend.layout_axes
-            check_batch(self.loss_fn, batches, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[lead:], x.dtype),
-                                                            state.params),
-                        has_aux=self.has_aux, with_rng=self.with_rng, seen=self._checked_batches)
+            one = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[lead:], x.dtype), tree)
+            check_batch(self.loss_fn, batches, one(state.params), has_aux=self.has_aux, with_rng=self.with_rng,
+                        seen=self._checked_batches, state_spec=one(state.model_state) if self.has_state else None)
             self._checked_batches.add(signature)
         if mixes:
             mix_rounds = [self.mixer.plan(r0 + i) for i in range(rounds)]
@@ -319,15 +346,15 @@ class CooperativeSGD:
         padded[:rounds] = moves
         if rounds < chunk:
             batches = pad_steps(batches, chunk * length)
-        params, opt, mix_state, step, count, s = program(
-            state.params, state.opt_state, state.mix_state, state.step, state.rounds, state.key,
+        params, opt, mix_state, model_state, step, count, s = program(
+            state.params, state.opt_state, state.mix_state, state.model_state, state.step, state.rounds, state.key,
             self.backend.place_batches(batches), args, self._moves(tuple(padded.tolist())), self._todo(rounds))
         if rounds < chunk:  # on the host: slicing on the device would compile a program per shape
             s = jax.tree.map(lambda a: np.asarray(a)[: rounds * length], s)
         communicated = np.zeros(rounds * length, bool)
         if mixes:
             communicated[length - 1:: length] = moves
-        new = EngineState(params, opt, mix_state, step, count, state.key, state.period)
+        new = EngineState(params, opt, mix_state, step, count, state.key, state.period, model_state)
         return new, self._metrics(s, communicated)
 
     def _metrics(self, s, communicated) -> StepMetrics:
@@ -340,7 +367,7 @@ class CooperativeSGD:
         """One iteration: each worker's gradient on its slice of ``batch`` (leaves (m, …)), the
         optimizer update, then the mixing if this step ends a round. Reports non-finite values in
         ``metrics.finite`` without raising."""
-        check_leading(batch, self.m)
+        check_leading(batch, self.m, self.backend.fed_workers)
         state, metrics = self.run(state, jax.tree.map(lambda x: x[None], batch), 1, check_finite=False)
         return state, jax.tree.map(lambda x: x[0], metrics)
 
@@ -399,7 +426,7 @@ class CooperativeSGD:
                 require_int("Hook every", h.every, 1)
         k0 = k = int(state.step)
         r = int(state.rounds)
-        source = BatchSource(batches, steps, self.m, first_step=k0)
+        source = BatchSource(batches, steps, self.m, first_step=k0, fed=self.backend.fed_workers)
         schedule = self.algorithm.period
         chunk = self._chunk(steps, hooks)
         pieces: list[StepMetrics] = []
@@ -467,9 +494,11 @@ class CooperativeSGD:
 
         def f(state: EngineState, batches):
             stacked = jax.tree.map(lambda c: jnp.asarray(c)[None], args)
-            params, opt, mix_state, outs = local(state.params, state.opt_state, state.mix_state, state.step,
-                                                 state.key, batches, stacked, jnp.asarray(moves))
-            new = state._replace(params=params, opt_state=opt, mix_state=mix_state, step=state.step + tau,
+            params, opt, mix_state, model_state, outs = local(
+                state.params, state.opt_state, state.mix_state, state.model_state, state.step, state.key, batches,
+                stacked, jnp.asarray(moves))
+            new = state._replace(params=params, opt_state=opt, mix_state=mix_state, model_state=model_state,
+                                 step=state.step + tau,
                                  rounds=state.rounds + int(bool(mix)))
             return new, self._metrics(_engine.summarize(outs), jnp.asarray(communicated))
 
@@ -478,14 +507,15 @@ class CooperativeSGD:
     def lower_step(self, state: EngineState, batch, mixes: bool = True, r: int = 0):
         """The lowered program of one step (``mixes``: with the r-th mixing), to read its HLO:
         ``trainer.lower_step(state, batch).compile().as_text()``."""
-        check_leading(batch, self.m)
+        check_leading(batch, self.m, self.backend.fed_workers)
         be = self.backend
         batches = be.place_batches(jax.tree.map(lambda x: x[None], batch))
         mix_round = self.mixer.plan(r) if mixes else MixRound(None, (), False)
         local = _engine.round_program(self.spec, be.axis, 1, 1, bool(mixes), mix_round.static,
                                       bool(mixes and mix_round.moves))
         args = jax.tree.map(lambda c: np.asarray(c)[None], mix_round.args)
-        operands = (state.params, state.opt_state, state.mix_state, state.step, state.key, batches, args,
+        operands = (state.params, state.opt_state, state.mix_state, state.model_state, state.step, state.key,
+                    batches, args,
                     np.asarray([bool(mix_round.moves)]), np.int32(1))
         if isinstance(be, _backends.Pmap):
             return be.mapped(local).lower(operands)
