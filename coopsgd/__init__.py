@@ -40,6 +40,7 @@ from coopsgd.parallel.linear import linear, mix
 from coopsgd.parallel.plan import mixing_traffic, tree_bytes
 from coopsgd.parallel.protocol import STATE_POLICIES, SYNC_POLICIES, Mixer, MixerState, MixRound, OptimizerSync
 from coopsgd.parallel.state import EngineState, NonFiniteError, PeriodState, StepMetrics
+from coopsgd.parallel.step import cooperative_step
 from coopsgd.parallel.trainer import CooperativeSGD
 
 __version__ = "0.2.0"
@@ -77,6 +78,7 @@ __all__ = [
     "choco_sgd",
     "compression",
     "cooperative_bound",
+    "cooperative_step",
     "core",
     "decentralized_periodic",
     "diloco",

@@ -1,6 +1,6 @@
 """Running an algorithm: communication plans and their cost, the worker axis and its collectives,
 the mixing protocol and the linear mixer, backends (simulate / pmap / shard_map), the engine state,
-the pure round functions and the trainer."""
+the pure round functions, the trainer, and the step that wraps a user's own training step."""
 
 from coopsgd.parallel import (
     backends,
@@ -13,7 +13,9 @@ from coopsgd.parallel import (
     programs,
     protocol,
     state,
+    step,
     trainer,
 )
 
-__all__ = ["backends", "batches", "collectives", "engine", "hooks", "linear", "plan", "programs", "protocol", "state", "trainer"]
+__all__ = ["backends", "batches", "collectives", "engine", "hooks", "linear", "plan", "programs", "protocol", "state", "step",
+           "trainer"]
