@@ -122,11 +122,6 @@ def test_nnx_batchnorm_statistics_follow_flax_rule():
     assert np.abs(mean).max() > 1e-3
 
 
-def test_the_nnx_example_learns():
-    out = _example().main(["--quick"])
-    assert out["last_loss"] < out["first_loss"] and out["running_mean_abs"] > 0
-
-
 # ----------------------------------------------------------------------------------- bad input
 def test_a_state_that_changes_shape_is_refused_before_compiling():
     def growing(params, stats, batch):

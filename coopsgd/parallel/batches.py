@@ -1,5 +1,6 @@
-"""Batches for the trainer: the three sources ``run`` accepts, and the checks of their shapes and of
-the loss on one worker's slice, made before anything compiles."""
+"""Batches for the trainer: the three sources ``run`` accepts, and the checks made before anything
+compiles — of their shapes, of the initial params, and of the loss (and its model state) on one
+worker's slice."""
 
 from __future__ import annotations
 
@@ -11,7 +12,21 @@ import numpy as np
 
 from coopsgd.core.validate import require_real_dtype
 
-__all__ = ["BatchSource", "check_batch", "check_leading", "check_loss", "check_state", "pad_steps"]
+__all__ = ["BatchSource", "check_batch", "check_leading", "check_loss", "check_params", "check_state", "pad_steps"]
+
+
+def check_params(params) -> None:
+    """One worker's initial ``params``: array leaves of floats, every entry finite."""
+    if not jax.tree.leaves(params):
+        raise ValueError("params has no array leaves")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        arr = np.asarray(leaf)
+        name = jax.tree_util.keystr(path) or "params"
+        if not jnp.issubdtype(arr.dtype, jnp.floating):  # np.issubdtype misses bfloat16
+            raise ValueError(f"params{name} must be floating point, got dtype {arr.dtype}")
+        finite = np.isfinite(arr.astype(np.float32))
+        if not np.all(finite):
+            raise ValueError(f"initial params{name} has {int(np.sum(~finite))} non-finite entries (NaN or Inf)")
 
 
 def _fed(m: int, fed: int | None) -> str:

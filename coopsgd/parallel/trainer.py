@@ -31,7 +31,7 @@ from coopsgd.parallel import backends as _backends
 from coopsgd.parallel import engine as _engine
 from coopsgd.parallel import programs as _programs
 from coopsgd.parallel.backends import BackendName
-from coopsgd.parallel.batches import BatchSource, check_batch, check_leading, pad_steps
+from coopsgd.parallel.batches import BatchSource, check_batch, check_leading, check_params, pad_steps
 from coopsgd.parallel.collectives import WorkerAxis
 from coopsgd.parallel.hooks import Hook, RoundEnd, call_hooks, concat
 from coopsgd.parallel.linear import linear
@@ -147,25 +147,14 @@ class CooperativeSGD:
         self.donate = bool(donate)
         self._programs: dict = {}
         self._args_cache: OrderedDict = OrderedDict()
-        self._moves_cache: dict = {}
-        self._todo_cache: dict = {}
+        self._placed_cache: dict = {}
         self._checked_batches: set = set()
 
-    @property
-    def has_aux(self) -> bool:
-        return self.spec.has_aux
-
-    @property
-    def with_rng(self) -> bool:
-        return self.spec.with_rng
-
-    @property
-    def track_consensus(self) -> bool:
-        return self.spec.track_consensus
-
-    @property
-    def has_state(self) -> bool:
-        return self.spec.has_state
+    has_aux = property(lambda self: self.spec.has_aux, doc="Whether ``loss_fn`` returns ``(loss, aux)``.")
+    with_rng = property(lambda self: self.spec.with_rng, doc="Whether ``loss_fn`` takes a PRNG key.")
+    has_state = property(lambda self: self.spec.has_state, doc="Whether ``loss_fn`` carries a model state.")
+    track_consensus = property(lambda self: self.spec.track_consensus,
+                               doc="Whether every step records the consensus distance.")
 
     # ------------------------------------------------------------------ rounds and their cost
     def mix_round(self, r: int = 0) -> MixRound:
@@ -202,16 +191,7 @@ class CooperativeSGD:
                 state is given without ``has_state=True``, ``param_specs`` do not fit the params,
                 or the mixer breaks the protocol.
         """
-        if not jax.tree.leaves(params):
-            raise ValueError("params has no array leaves")
-        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-            arr = np.asarray(leaf)
-            name = jax.tree_util.keystr(path) or "params"
-            if not jnp.issubdtype(arr.dtype, jnp.floating):  # np.issubdtype misses bfloat16
-                raise ValueError(f"params{name} must be floating point, got dtype {arr.dtype}")
-            finite = np.isfinite(arr.astype(np.float32))
-            if not np.all(finite):
-                raise ValueError(f"initial params{name} has {int(np.sum(~finite))} non-finite entries (NaN or Inf)")
+        check_params(params)
         if jax.tree.leaves(model_state) and not self.has_state:
             raise ValueError("init got a model_state, but the trainer was built without has_state=True, so the "
                              "loss would never see it; pass has_state=True and loss_fn(params, model_state, batch)")
@@ -307,17 +287,13 @@ class CooperativeSGD:
                 self._args_cache.popitem(last=False)
         return self._args_cache[key][1]
 
-    def _moves(self, pattern: tuple):
-        """The rounds' ``moves`` flags as a placed array (few distinct patterns: cached)."""
-        if pattern not in self._moves_cache:
-            self._moves_cache[pattern] = self.backend.replicate(np.array(pattern, bool))
-        return self._moves_cache[pattern]
-
-    def _todo(self, rounds: int):
-        """How many rounds a call runs, as a placed int32 scalar (cached)."""
-        if rounds not in self._todo_cache:
-            self._todo_cache[rounds] = self.backend.replicate(np.int32(rounds))
-        return self._todo_cache[rounds]
+    def _placed(self, value):
+        """A small host value (the rounds' ``moves`` flags as a tuple, or the number of rounds a
+        call runs) as a placed array; few distinct values, cached."""
+        if value not in self._placed_cache:
+            host = np.array(value, bool) if isinstance(value, tuple) else np.int32(value)
+            self._placed_cache[value] = self.backend.replicate(host)
+        return self._placed_cache[value]
 
     def _call(self, state: EngineState, batches, rounds: int, length: int, r0: int, mixes: bool,
               chunk: int = 1):
@@ -348,7 +324,7 @@ class CooperativeSGD:
             batches = pad_steps(batches, chunk * length)
         params, opt, mix_state, model_state, step, count, s = program(
             state.params, state.opt_state, state.mix_state, state.model_state, state.step, state.rounds, state.key,
-            self.backend.place_batches(batches), args, self._moves(tuple(padded.tolist())), self._todo(rounds))
+            self.backend.place_batches(batches), args, self._placed(tuple(padded.tolist())), self._placed(rounds))
         if rounds < chunk:  # on the host: slicing on the device would compile a program per shape
             s = jax.tree.map(lambda a: np.asarray(a)[: rounds * length], s)
         communicated = np.zeros(rounds * length, bool)
