@@ -16,7 +16,7 @@ command line and what it needs). This module only re-exports the public API.
 from coopsgd import algorithms, analysis, core, parallel, sim
 from coopsgd.algorithms import compression
 from coopsgd.algorithms.adaptive import ADPSGD, AdaComm, adacomm, adacomm_period, adpsgd
-from coopsgd.algorithms.averaging import fully_sync, local_sgd
+from coopsgd.algorithms.averaging import fully_sync, hierarchical, local_sgd
 from coopsgd.algorithms.choco import choco_sgd
 from coopsgd.algorithms.decentralized import decentralized_periodic, dpsgd
 from coopsgd.algorithms.diloco import diloco, streaming_diloco
@@ -87,6 +87,7 @@ __all__ = [
     "exact_expected_error",
     "fully_sync",
     "gradient_tracking",
+    "hierarchical",
     "linear",
     "local_sgd",
     "local_sgd_global_momentum",

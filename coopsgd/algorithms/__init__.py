@@ -5,7 +5,7 @@ mixer, written on :mod:`coopsgd.parallel`'s protocol.
 =================================== ==========================================================
 module                              family
 =================================== ==========================================================
-:mod:`~coopsgd.algorithms.averaging` fully synchronous SGD, local SGD
+:mod:`~coopsgd.algorithms.averaging` fully synchronous SGD, local SGD, hierarchical averaging
 :mod:`~coopsgd.algorithms.easgd`     elastic averaging SGD
 :mod:`~coopsgd.algorithms.decentralized` D-PSGD (both forms), decentralized periodic averaging
 :mod:`~coopsgd.algorithms.overlap`   Overlap Local-SGD and Overlap-M

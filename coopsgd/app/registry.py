@@ -20,7 +20,8 @@ import networkx as nx
 
 from coopsgd.core.validate import require_choice
 
-__all__ = ["REGISTRY", "Context", "Entry", "build", "get", "markdown_table", "names", "register"]
+__all__ = ["REGISTRY", "Context", "Entry", "build", "get", "hierarchy_levels", "markdown_table", "names",
+           "register"]
 
 Period = Literal["one", "tau", "adaptive"]
 """How an algorithm's period is set: fixed to 1, the ``tau`` key, or decided at run time."""
@@ -138,6 +139,23 @@ def _local_sgd(ctx):
     from coopsgd.algorithms.averaging import local_sgd
 
     return local_sgd(ctx.cfg["workers"], _tau(ctx))
+
+
+def hierarchy_levels(m: int, tau: int) -> dict[int, int]:
+    """The registry's hierarchy for m workers and the ``tau`` key: groups of g = m / q workers (q
+    the smallest prime factor of m: two halves for an even m) average every τ steps, and all m
+    every 4τ — e.g. ``{2: 4, 8: 8}`` for m = 8, τ = 2 (a group of size 1 for a prime m is local
+    steps only; one level for m = 1)."""
+    if m == 1:
+        return {tau: 1}
+    q = next(p for p in range(2, m + 1) if m % p == 0)
+    return {tau: m // q, 4 * tau: m}
+
+
+def _hierarchical(ctx):
+    from coopsgd.algorithms.averaging import hierarchical
+
+    return hierarchical(ctx.cfg["workers"], hierarchy_levels(ctx.cfg["workers"], ctx.cfg["tau"]))
 
 
 def _easgd(ctx):
@@ -273,5 +291,7 @@ for _entry in (
           _streaming_diloco, {"tau": None, "fragments": None, "fragment_delay": None, "outer.lr": None,
                               "outer.momentum": None},
           theory=False),
+    Entry("hierarchical", "hierarchical averaging: groups (halves for even m) average every tau steps, all "
+          "workers every 4 tau", _hierarchical, {"tau": None}, theory=False),
 ):
     register(_entry)

@@ -175,6 +175,6 @@ def _require_consensus(schedule: schedules.MixingSchedule) -> None:
     if cycle is not None and len(cycle) == 1:
         mixing.require_consensus(cycle[0], opt_out=_OPT_OUT)
     elif cycle is not None:
-        mixing.require_connected_union(cycle, opt_out=_OPT_OUT)
+        mixing.require_connected_union(schedules._distinct(cycle), opt_out=_OPT_OUT)
     elif schedule.support is not None:
         mixing.require_connected_union([schedule.support], opt_out=_OPT_OUT)

@@ -1,4 +1,4 @@
-"""Mixing matrices: weight rules that turn a graph into W, and the checks every W must pass.
+"""Mixing matrices: weight rules that turn a graph into W, group means, and the checks on every W.
 
 Conventions (Wang & Joshi, Cooperative SGD, arXiv:1808.07576, §2): workers' models are the columns
 of X and one update is ``X ← (X − ηG) W``, so ``W[i, j]`` is the weight node ``j`` gives to node
@@ -16,7 +16,13 @@ import scipy.sparse as sp
 from scipy.sparse import csgraph
 
 from coopsgd.core import topology
-from coopsgd.core.operator import DENSE_LIMIT, MixingMatrix, as_operator, averaging
+from coopsgd.core.operator import (
+    DENSE_LIMIT,
+    MixingMatrix,
+    as_operator,
+    averaging,
+    identity,
+)
 from coopsgd.core.validate import require_real_dtype
 
 __all__ = [
@@ -29,6 +35,7 @@ __all__ = [
     "component_sizes",
     "edge_matrix",
     "from_graph",
+    "group_averaging",
     "lazy",
     "max_degree",
     "metropolis",
@@ -46,6 +53,28 @@ ATOL = 1e-8
 ZETA_ATOL = 1e-6
 """How far above 1 an eigenvalue modulus of W may lie (round-off) before :func:`require_consensus`
 calls repeated mixing divergent."""
+
+
+def group_averaging(n: int, g: int) -> MixingMatrix:
+    """Averaging within contiguous groups of ``g``: ``I_{n/g} ⊗ J_g`` (workers ``b·g … b·g + g − 1``
+    take their group's mean; ``J_n`` for g = n, ``I_n`` for g = 1), in O(n·g) memory.
+
+    Example:
+        >>> np.asarray(group_averaging(4, 2)).tolist()
+        [[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.5, 0.5]]
+
+    Raises:
+        ValueError: if g is not a divisor of n.
+    """
+    n, g = int(n), int(g)
+    if n < 1 or g < 1 or n % g:
+        raise ValueError(f"group size g = {g} must be a divisor of n = {n} (contiguous groups of equal size)")
+    if g == n:
+        return averaging(n)
+    if g == 1:
+        return identity(n)
+    block = sp.csr_array(np.full((g, g), 1.0 / g))
+    return MixingMatrix.from_blocks(sp.kron(sp.identity(n // g, format="csr"), block, format="csr"))
 
 
 def _edges(graph: nx.Graph) -> tuple[int, np.ndarray, np.ndarray]:

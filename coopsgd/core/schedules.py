@@ -235,8 +235,15 @@ def as_period(tau) -> PeriodSchedule:
 # ------------------------------------------------------------------------------ mixing schedules
 
 
+def _distinct(ops: Sequence[MixingMatrix]) -> list[MixingMatrix]:
+    """The distinct matrix objects of ``ops``, in order of first appearance (a long cycle that
+    repeats a few matrices, as hierarchical averaging's does, is worked on once per matrix)."""
+    return list({id(w): w for w in ops}.values())
+
+
 def _pattern(ops: Sequence[MixingMatrix]) -> MixingMatrix:
     """The union of the non-zero patterns of ``ops`` as a 0/1 MixingMatrix (v = 0)."""
+    ops = _distinct(ops)
     n = ops[0].n
     if n <= DENSE_LIMIT:
         union = np.logical_or.reduce([np.asarray(w) != 0 for w in ops]).astype(float)
@@ -270,7 +277,7 @@ class MixingSchedule:
     def symmetric(self) -> bool:
         """Whether every W^(r) is symmetric (so doubly stochastic); a random schedule that does
         not say so (by overriding this) is taken not to be."""
-        return self.cycle is not None and all(w.is_symmetric(mixing.ATOL) for w in self.cycle)
+        return self.cycle is not None and all(w.is_symmetric(mixing.ATOL) for w in _distinct(self.cycle))
 
     def with_auxiliary(self, v: int) -> MixingSchedule:
         """The same schedule with the last ``v`` columns of every W^(r) read as auxiliary."""
@@ -278,16 +285,22 @@ class MixingSchedule:
             return self
         if self.cycle is None:
             raise ValueError(f"{type(self).__name__} has no auxiliary columns; it needs v = {self.v}")
-        return _Cyclic([w.with_auxiliary(v) for w in self.cycle], getattr(self, "description", "cyclic"), v)
+        split = {id(w): w.with_auxiliary(v) for w in _distinct(self.cycle)}
+        return _Cyclic([split[id(w)] for w in self.cycle], getattr(self, "description", "cyclic"), v)
 
     def expected_gram(self):
         """``E[W^(r)ᵀ W^(r)]`` over rounds (the uniform average over a cycle): a dense array up to
         the dense limit, a sparse MixingMatrix beyond."""
         if self.cycle is None:
             raise NotImplementedError(f"{type(self).__name__} does not know E[WᵀW] in closed form")
+        counts: dict[int, int] = {}
+        for w in self.cycle:
+            counts[id(w)] = counts.get(id(w), 0) + 1
+        distinct = _distinct(self.cycle)
         if self.n <= spectral.DENSE_EIG_LIMIT:
-            return sum(np.asarray(w).T @ np.asarray(w) for w in self.cycle) / len(self.cycle)
-        return MixingMatrix.from_blocks(sum(w.tocsr().T @ w.tocsr() for w in self.cycle) / len(self.cycle))
+            return sum(counts[id(w)] * (np.asarray(w).T @ np.asarray(w)) for w in distinct) / len(self.cycle)
+        return MixingMatrix.from_blocks(
+            sum(counts[id(w)] * (w.tocsr().T @ w.tocsr()) for w in distinct) / len(self.cycle))
 
     def contraction(self) -> float:
         """``‖E[Wᵀ W] − J‖₂`` over the cycle, which replaces ζ² in the bound when W is drawn i.i.d.
@@ -311,10 +324,14 @@ class _Cyclic(MixingSchedule):
     def __init__(self, matrices: Sequence, description: str, v: int = 0):
         if len(matrices) == 0:
             raise ValueError("a cyclic mixing schedule needs at least one matrix")
-        first = mixing.check(matrices[0], name="W[0]", v=v)
-        self.cycle = (first,) + tuple(
-            mixing.check(w, n=first.n, name=f"W[{i}]", v=v) for i, w in enumerate(matrices[1:], 1)
-        )
+        checked: dict[int, MixingMatrix] = {}  # each distinct matrix object is checked once
+        cycle = []
+        for i, w in enumerate(matrices):
+            if id(w) not in checked:
+                checked[id(w)] = mixing.check(w, n=cycle[0].n if cycle else None, name=f"W[{i}]", v=v)
+            cycle.append(checked[id(w)])
+        self.cycle = tuple(cycle)
+        first = cycle[0]
         self.n, self.v = first.n, first.v
         self.description = description
 
@@ -336,10 +353,11 @@ def static(w, v: int = 0) -> MixingSchedule:
     return _Cyclic([w], "static", v)
 
 
-def cyclic(matrices: Sequence, v: int = 0) -> MixingSchedule:
+def cyclic(matrices: Sequence, v: int = 0, description: str = "cyclic") -> MixingSchedule:
     """``W^(r) = matrices[r mod len(matrices)]``: a time-varying topology that repeats (the last
-    ``v`` columns of every matrix auxiliary)."""
-    return _Cyclic(list(matrices), "cyclic", v)
+    ``v`` columns of every matrix auxiliary; ``description`` names it in reprs). A matrix object
+    that appears several times is checked and planned once."""
+    return _Cyclic(list(matrices), str(description), v)
 
 
 def one_peer_exponential(n: int) -> MixingSchedule:

@@ -133,6 +133,11 @@ def mix_local(plan: _plan.MixPlan, workers, aux, coef, axis: WorkerAxis):
             if not plan.self_weight:  # exact averaging: every worker takes c · Σ_i x_i
                 return jnp.broadcast_to(total, x.shape)
             return _bcast(axis.local(coef["d"]), x) * x + total
+        if plan.kind == "groups":  # the mean within each group of g (a grouped all-reduce on devices)
+            total = coef["c"].astype(x.dtype) * axis.group_sum(x, plan.group)
+            if not plan.self_weight:
+                return total
+            return _bcast(axis.local(coef["d"]), x) * x + total
         out = _bcast(axis.local(coef["d"]), x) * x
         if plan.kind == "neighbour":
             slot_coef = axis.local(coef["slots"], axis=1)
@@ -160,16 +165,21 @@ def mix_local(plan: _plan.MixPlan, workers, aux, coef, axis: WorkerAxis):
 
 class LinearRounds:
     """The host side of the linear mixer: each round's plan, coefficients and traffic, from the
-    algorithm's mixing schedule (cycles planned once; random schedules per round, cached)."""
+    algorithm's mixing schedule (cycles planned once per distinct matrix, so a long cycle that
+    repeats a few matrices — hierarchical averaging's — plans those few; random schedules per
+    round, cached)."""
 
     def __init__(self, algorithm: Algorithm, prune: bool):
         self.m, self.v = algorithm.m, algorithm.v
         self.schedule = algorithm.mixing
         cycle = self.schedule.cycle
         if cycle is not None:
-            plans = [_plan.plan_for_matrix(w, self.m, self.v) for w in cycle]
-            self.cycle = tuple(MixRound(p, _plan.coefficients(p, w), p.communicates)
-                               for p, w in zip(plans, cycle))
+            planned: dict[int, MixRound] = {}  # by the matrix object (the cycle holds them all)
+            for w in cycle:
+                if id(w) not in planned:
+                    p = _plan.plan_for_matrix(w, self.m, self.v)
+                    planned[id(w)] = MixRound(p, _plan.coefficients(p, w), p.communicates)
+            self.cycle = tuple(planned[id(w)] for w in cycle)
             self.support_plan = None
         else:
             self.cycle = None

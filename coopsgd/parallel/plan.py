@@ -12,9 +12,18 @@ kind          W_ww                                               on devices
 ``none``      W = I (nothing moves)                              nothing
 ``diag``      diagonal                                           nothing (local scaling)
 ``mean``      ``diag(d) + c·11ᵀ`` (J_m is ``d = 0, c = 1/m``)    one ``psum`` (all-reduce)
+``groups``    ``diag(d) + c·(I_{m/g} ⊗ 11ᵀ_g)``: a mean within   one ``psum`` per group
+              each contiguous group of g workers (2 ≤ g < m)     (``axis_index_groups``);
+                                                                 nothing inside one device
 ``neighbour`` sparse: ``diag(d) + Σ_s diag(c_s) P_s``            one ``ppermute`` per slot
 ``dense``     anything else                                      ``all_gather`` + contraction
 ============= ================================================== ==============================
+
+``groups`` is hierarchical averaging's W (group means, torch's ``HierarchicalModelAverager``
+subgroups): it is found in O(edges) — the off-diagonal has ``m(g − 1)`` arcs, all inside blocks of
+g and of one value c — and costs a ring all-reduce within each group, ``2(g − 1)/g · S`` bytes per
+worker, never more than the global all-reduce's ``2(m − 1)/m · S`` (planned as neighbour slots it
+would be ``(g − 1) · S``).
 
 A non-zero ``W_wa`` (EASGD's anchor, Overlap Local-SGD's anchor) adds one weighted all-reduce;
 auxiliary columns are replicated on every device, so ``W_aw`` and ``W_aa`` are local.
@@ -54,7 +63,7 @@ __all__ = [
     "tree_bytes",
 ]
 
-PlanKind = Literal["none", "diag", "mean", "neighbour", "dense"]
+PlanKind = Literal["none", "diag", "mean", "groups", "neighbour", "dense"]
 """How the worker block of one mixing is applied, cheapest first."""
 
 _TOL = 1e-12
@@ -75,6 +84,7 @@ class MixPlan(NamedTuple):
         aux_to_worker: whether ``W_aw ≠ 0`` (workers read the replicated auxiliary columns).
         self_weight: whether the worker block has a diagonal term to apply (False for an exact
             average J, where ``new = c · Σ_i x_i`` needs no ``d · x`` pass).
+        group: for ``"groups"``, the group size g (workers ``b·g … b·g + g − 1`` form group b).
     """
 
     m: int
@@ -85,11 +95,12 @@ class MixPlan(NamedTuple):
     worker_to_aux: bool = False
     aux_to_worker: bool = False
     self_weight: bool = True
+    group: int = 0
 
     @property
     def communicates(self) -> bool:
         """Whether this mixing moves data between workers (any kind but none/diag without W_wa)."""
-        return self.kind in ("mean", "neighbour", "dense") or self.worker_to_aux
+        return self.kind in ("mean", "groups", "neighbour", "dense") or self.worker_to_aux
 
     @property
     def slots(self) -> tuple[tuple[int, ...], ...]:
@@ -145,6 +156,28 @@ def _constant_offdiagonal(w: MixingMatrix) -> float | None:
     return float(vals[0]) if abs(vals[0]) > _TOL and np.all(np.abs(vals - vals[0]) <= _TOL) else None
 
 
+def _groups(w: MixingMatrix) -> tuple[int, float] | None:
+    """``(g, c)`` when ``W_ww = diag(d) + c·(I_{m/g} ⊗ 11ᵀ_g)`` off the diagonal with 2 ≤ g < m: every
+    off-diagonal entry inside the contiguous blocks of g equal to one non-zero c, none outside.
+    O(edges): the off-diagonal's arc count fixes g = arcs/m + 1."""
+    m = w.m
+    if w.form == "mean" or m < 4:
+        return None
+    coo = sp.coo_array(w.worker_offdiagonal())
+    keep = np.abs(coo.data) > _TOL
+    arcs = int(np.count_nonzero(keep))
+    if not arcs or arcs % m:
+        return None
+    g = arcs // m + 1
+    if g >= m or m % g:
+        return None
+    rows, cols, vals = coo.row[keep], coo.col[keep], coo.data[keep]
+    if not np.all(rows // g == cols // g):  # m(g − 1) distinct arcs inside the blocks: all of them
+        return None
+    c = float(vals[0])
+    return (g, c) if np.all(np.abs(vals - c) <= _TOL) else None
+
+
 def _plan(w: MixingMatrix, values: bool) -> MixPlan:
     m, v = w.m, w.v
     to_aux, from_aux = bool(np.any(np.abs(w.wa) > _TOL)), bool(np.any(np.abs(w.aw) > _TOL))
@@ -154,6 +187,12 @@ def _plan(w: MixingMatrix, values: bool) -> MixPlan:
     if c is not None:
         self_weight = bool(np.any(np.abs(w.worker_diagonal() - c) > _TOL))
         return MixPlan(m, v, "mean", worker_to_aux=to_aux, aux_to_worker=from_aux, self_weight=self_weight)
+    grouped = _groups(w) if values else None
+    if grouped is not None:
+        g, c = grouped
+        self_weight = bool(np.any(np.abs(w.worker_diagonal() - c) > _TOL))
+        return MixPlan(m, v, "groups", worker_to_aux=to_aux, aux_to_worker=from_aux, self_weight=self_weight,
+                       group=g)
     if w.form == "mean":
         if not values and abs(w.c) > _TOL:  # a full support: any W in it needs the general plan
             return MixPlan(m, v, "dense", worker_to_aux=to_aux, aux_to_worker=from_aux)
@@ -175,7 +214,8 @@ def _operator(w, m: int, v: int) -> MixingMatrix:
 
 
 def plan_for_matrix(w, m: int, v: int = 0) -> MixPlan:
-    """The cheapest plan that applies this exact W (its values decide ``none`` and ``mean``).
+    """The cheapest plan that applies this exact W (its values decide ``none``, ``mean`` and
+    ``groups``).
 
     Example:
         >>> import numpy as np
@@ -183,6 +223,9 @@ def plan_for_matrix(w, m: int, v: int = 0) -> MixPlan:
         'mean'
         >>> plan_for_matrix(np.eye(4), 4).kind
         'none'
+        >>> pairs = plan_for_matrix(np.kron(np.eye(2), np.full((2, 2), 0.5)), 4)
+        >>> pairs.kind, pairs.group, pairs.self_weight
+        ('groups', 2, False)
     """
     return _plan(_operator(w, m, v), values=True)
 
@@ -254,9 +297,10 @@ def active_slots(plan: MixPlan, w) -> MixPlan:
 def coefficients(plan: MixPlan, w) -> dict[str, np.ndarray]:
     """The run-time arguments of ``plan`` for the matrix ``w`` (float64 NumPy arrays).
 
-    Keys: ``d`` (m,) diagonal of W_ww (minus ``c`` for ``mean``), ``c`` () the constant
-    off-diagonal for ``mean``, ``slots`` (S, m) with ``slots[s, j] = W[π_s(j), j]``, ``dense`` (m, m)
-    = W_ww, ``wa`` (m, v), ``aw`` (v, m), ``aa`` (v, v).
+    Keys: ``d`` (m,) diagonal of W_ww (minus ``c`` for ``mean`` and ``groups``), ``c`` () the
+    constant off-diagonal for ``mean`` (within the groups for ``groups``), ``slots`` (S, m) with
+    ``slots[s, j] = W[π_s(j), j]``, ``dense`` (m, m) = W_ww, ``wa`` (m, v), ``aw`` (v, m), ``aa``
+    (v, v).
 
     Raises:
         ValueError: if ``w`` has a non-zero outside what the plan can apply.
@@ -275,6 +319,13 @@ def coefficients(plan: MixPlan, w) -> dict[str, np.ndarray]:
             raise ValueError("this mixing was planned as a mean but W_ww's off-diagonal is not constant")
         out["c"] = np.asarray(c)
         out["d"] = diag - c
+    elif plan.kind == "groups":
+        grouped = _groups(w)
+        if grouped is None or grouped[0] != plan.group:
+            raise ValueError(f"this mixing was planned as averages within groups of {plan.group} workers, "
+                             "but W_ww is not one constant within those groups and zero outside them")
+        out["c"] = np.asarray(grouped[1])
+        out["d"] = diag - grouped[1]
     elif plan.kind == "dense":
         out["dense"] = np.asarray(w)[:m, :m].copy()
     else:
@@ -311,13 +362,19 @@ def communication(plan: MixPlan, param_bytes: float, w=None) -> Communication:
 
     With ``w`` given, neighbour slots whose coefficients are all zero in ``w`` are not counted
     (a random schedule's inactive matchings). Counts follow the usual ring all-reduce model:
-    ``2(m − 1)/m · P`` bytes and ``2(m − 1)`` messages per worker per reduced vector.
+    ``2(m − 1)/m · P`` bytes and ``2(m − 1)`` messages per worker per reduced vector; ``groups``
+    is one ring all-reduce within each group of g, ``2(g − 1)/g · P`` bytes and ``2(g − 1)``
+    messages. As for every kind, each worker is counted as its own node (workers that share a
+    device are charged as if they did not: the account is the algorithm's, not the layout's).
 
     Example:
         >>> import numpy as np
         >>> c = communication(plan_for_matrix(np.full((4, 4), 0.25), 4), 1000)
         >>> c.kind, c.bytes_per_worker, c.all_reduces
         ('all-reduce', 1500.0, 1)
+        >>> pairs = plan_for_matrix(np.kron(np.eye(2), np.full((2, 2), 0.5)), 4)
+        >>> communication(pairs, 1000).bytes_per_worker
+        1000.0
     """
     m, p = plan.m, float(param_bytes)
     reduces = int(plan.kind == "mean") + (plan.v if plan.worker_to_aux else 0)
@@ -326,6 +383,10 @@ def communication(plan: MixPlan, param_bytes: float, w=None) -> Communication:
     ring = ring_all_reduce_bytes(m, p)
     if plan.kind == "none" or (plan.kind == "diag" and not reduces):
         return Communication("none", 0.0, 0, 0, 0, m)
+    if plan.kind == "groups":
+        g = plan.group
+        return Communication("all-reduce", ring_all_reduce_bytes(g, p) + reduces * ring,
+                             2 * (g - 1) + reduces * 2 * (m - 1), 1 + reduces, 0, m)
     if plan.kind == "dense":
         return Communication("dense", (m - 1) * p + reduces * ring, (m - 1) + reduces * 2 * (m - 1),
                              reduces, 0, m)
