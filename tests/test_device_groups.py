@@ -6,8 +6,6 @@ against the papers' update rules elsewhere; here the layouts must agree with it,
 must stay sharded as given, and the mixing's collectives must run along "workers" only (read
 from the compiled HLO).
 """
-import re
-
 import jax
 import jax.numpy as jnp
 import networkx as nx
@@ -17,6 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import coopsgd
+from coopsgd.parallel import hlo
 
 HIDDEN = 8
 SPECS = {"w1": P(None, "model"), "b1": P("model"), "w2": P("model", None)}
@@ -69,37 +68,22 @@ def test_sharded_workers_equal_the_simulation(shape):
         assert shard == (m // shape[0], 6, HIDDEN // shape[1]), shard
 
 
-def _groups(line: str, dims: tuple[int, ...]) -> list[list[int]]:
-    """The device groups of one HLO collective: explicit ``{{0,2},{1,3}}``, iota ``[a,b]<=[n]``
-    (with an optional transpose ``T(…)``), or source-target pairs of a collective-permute."""
-    if "source_target_pairs=" in line:
-        pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", line).group(1) + "}"
-        return [list(map(int, p)) for p in re.findall(r"\{(\d+),(\d+)\}", pairs)]
-    iota = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
-    if iota:
-        shape = [int(x) for x in iota.group(1).split(",")]
-        ids = np.arange(int(np.prod(dims))).reshape([int(x) for x in iota.group(2).split(",")])
-        if iota.group(3):
-            ids = ids.transpose([int(x) for x in iota.group(3).split(",")])
-        return ids.reshape(shape).tolist()
-    explicit = re.search(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", line)
-    return [list(map(int, g.split(","))) for g in re.findall(r"\{([\d,]+)\}", explicit.group(1))]
-
-
-def collectives(hlo: str, dims: tuple[int, int]):
-    """Every collective of a compiled program, classified by the mesh coordinates it spans: the
-    devices of a (workers × model) mesh in row-major order, device d at (d // model, d % model)."""
-    out = []
-    for line in hlo.splitlines():
-        op = re.search(r"= \S+ (all-reduce|all-gather|collective-permute|reduce-scatter|all-to-all)(?:-start)?\(", line)
-        if not op:
-            continue
-        groups = _groups(line, dims)
-        workers = {len({d // dims[1] for d in g}) for g in groups}
-        models = {len({d % dims[1] for d in g}) for g in groups}
-        span = "workers" if models == {1} and workers != {1} else "model" if workers == {1} else "both"
-        out.append((op.group(1), span))
-    return out
+def test_collectives_are_read_by_the_axes_they_span():
+    """The HLO reader on the three forms XLA prints, with the spans worked out by hand for a
+    (workers 4 × model 2) mesh: device d sits at (d // 2, d % 2)."""
+    shape = {"workers": 4, "model": 2}
+    lines = [
+        "%a = f32[4] all-reduce(%x), replica_groups={{0,2,4,6},{1,3,5,7}}, to_apply=%add",  # same model index
+        "%b = f32[8] all-gather(%x), replica_groups=[4,2]<=[8], dimensions={0}",  # rows {0,1},{2,3},…: a group
+        "%c = f32[8] all-gather(%x), replica_groups=[2,4]<=[4,2]T(1,0), dimensions={0}",  # columns: {0,2,4,6},…
+        "%d = f32[4] collective-permute(%x), source_target_pairs={{0,2},{2,4},{4,6},{6,0}}",
+        "%e = f32[4] collective-permute(%x), source_target_pairs={{0,1},{1,0}}",
+        "%f = f32[4] all-reduce(%x), replica_groups={}, to_apply=%add",  # every device
+    ]
+    assert hlo.collectives("\n".join(lines), shape) == [
+        ("all-reduce", ("workers",)), ("all-gather", ("model",)), ("all-gather", ("workers",)),
+        ("collective-permute", ("workers",)), ("collective-permute", ("model",)),
+        ("all-reduce", ("workers", "model"))]
 
 
 def test_the_mixing_communicates_along_workers_only():
@@ -111,13 +95,14 @@ def test_the_mixing_communicates_along_workers_only():
                                          param_specs=SPECS)
         state = trainer.init(params)
         r = next(r for r in range(8) if trainer.mix_round(r).moves)
-        mixing = collectives(trainer.lower_step(state, batch, mixes=True, r=r).compile().as_text(), dims)
-        local = collectives(trainer.lower_step(state, batch, mixes=False).compile().as_text(), dims)
+        shape = {"workers": dims[0], "model": dims[1]}
+        mixing = hlo.collectives(trainer.lower_step(state, batch, mixes=True, r=r).compile().as_text(), shape)
+        local = hlo.collectives(trainer.lower_step(state, batch, mixes=False).compile().as_text(), shape)
         # The local step's collectives stay inside a worker's group (GSPMD's, for the sharded model) ...
-        assert all(span == "model" for _, span in local), (name, local)
+        assert local and all(span == ("model",) for _, span in local), (name, local)
         # ... and the mixing adds collectives that run along "workers" alone.
-        along = [c for c in mixing if c[1] == "workers"]
-        assert along and all(span != "both" for _, span in mixing), (name, mixing)
+        along = [c for c in mixing if c[1] == ("workers",)]
+        assert along and all(span in {("model",), ("workers",)} for _, span in mixing), (name, mixing)
         kinds = {kind for kind, _ in along}
         assert kinds == ({"all-reduce"} if name == "local_sgd" else {"collective-permute"}), (name, kinds)
 

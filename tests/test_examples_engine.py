@@ -45,3 +45,13 @@ def test_engine_doc_quick_start_runs():
     exec(block, scope)  # noqa: S102 - the documented snippet, verbatim
     assert scope["metrics"].loss.shape == (100,)
     assert scope["u"]["w"].shape == (10,)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (forced) devices")
+def test_sharded_model_quick():
+    report = load("sharded_model").main(["--quick"])
+    assert report["w1_per_device"] == [1, 64, 32] and report["w1_spec"] == "P('workers', None, 'model')"
+    assert report["max_abs_diff_vs_simulate"] < 1e-5 and report["last_loss"] < report["first_loss"]
+    # the averaging runs along "workers" as one all-reduce; everything else stays inside a group
+    assert report["mixing_step_collectives"]["workers"] == {"all-reduce": 1}
+    assert set(report["mixing_step_collectives"]) == {"workers", "model"}

@@ -7,6 +7,7 @@ from coopsgd.parallel import (
     batches,
     collectives,
     engine,
+    hlo,
     hooks,
     linear,
     plan,
@@ -17,5 +18,5 @@ from coopsgd.parallel import (
     trainer,
 )
 
-__all__ = ["backends", "batches", "collectives", "engine", "hooks", "linear", "plan", "programs", "protocol", "state", "step",
+__all__ = ["backends", "batches", "collectives", "engine", "hlo", "hooks", "linear", "plan", "programs", "protocol", "state", "step",
            "trainer"]

@@ -95,9 +95,15 @@ class Backend:
         raise NotImplementedError
 
     def broadcast_workers(self, params):
-        """m copies of ``params`` (one model), placed like :meth:`place_workers`."""
+        """m copies of ``params`` (one model), placed like :meth:`place_workers` (each device's
+        shards cut from a read-only broadcast view: no host copy of the m models)."""
         return self.place_workers(jax.tree.map(lambda p: np.broadcast_to(np.asarray(p), (self.m,) + np.shape(p)),
                                                params))
+
+    def init_workers(self, fn, placed):
+        """``fn`` (e.g. ``optimizer.init``) of every worker's placed model, laid out like per-worker
+        values; None where the layout has no better way than the simulate layout's."""
+        return None
 
     def place_mix_state(self, state: MixerState) -> MixerState:
         """The mixer's state placed: per-worker parts like the workers, shared parts like shared state."""
@@ -360,6 +366,15 @@ class ShardMap(Backend):
     def _global(self, host: np.ndarray, sharding):
         host = np.asarray(host)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    def init_workers(self, fn, placed):
+        """On the mesh, each device computing its own shards (for a model sharded over its group,
+        no device ever holds a whole worker's optimizer state)."""
+        if not self._layouts:
+            return None
+        shapes = jax.eval_shape(jax.vmap(fn), placed)
+        layout = jax.tree_util.tree_map_with_path(lambda path, s: self._sharding(tuple(path), s.shape), shapes)
+        return jax.jit(jax.vmap(fn), out_shardings=layout)(placed)
 
     def place_workers(self, stacked):
         return jax.tree_util.tree_map_with_path(

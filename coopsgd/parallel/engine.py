@@ -47,14 +47,15 @@ class Spec(NamedTuple):
     state_sync: OptimizerSync | None = None
 
 
-def init_state(spec: Spec, params, seed: int = 0, rule=(), model_state=()) -> EngineState:
+def init_state(spec: Spec, params, seed: int = 0, rule=(), model_state=(), opt_state=None) -> EngineState:
     """The state before step 0 on the simulate layout: every worker starts at ``params`` (and
-    ``model_state``), with its own ``optimizer.init``; the mixer's state comes from ``mixer.init``
-    of those columns."""
+    ``model_state``), with its own ``optimizer.init`` (or the ``opt_state`` given, already laid out
+    by a backend); the mixer's state comes from ``mixer.init`` of those columns."""
     workers = jax.tree.map(lambda p: np.broadcast_to(np.asarray(p), (spec.m,) + np.shape(p)), params)
-    init = _programs.program(("optimizer init", _programs.fingerprint(spec.optimizer.init), spec.m),
-                             lambda: jax.jit(jax.vmap(spec.optimizer.init, in_axes=None, axis_size=spec.m)))
-    opt_state = init(params)
+    if opt_state is None:
+        init = _programs.program(("optimizer init", _programs.fingerprint(spec.optimizer.init), spec.m),
+                                 lambda: jax.jit(jax.vmap(spec.optimizer.init, in_axes=None, axis_size=spec.m)))
+        opt_state = init(params)
     states = jax.tree.map(lambda p: np.broadcast_to(np.asarray(p), (spec.m,) + np.shape(p)), model_state)
     return EngineState(params=workers, opt_state=opt_state, mix_state=spec.mixer.init(workers),
                        step=jnp.asarray(0, jnp.int32), rounds=jnp.asarray(0, jnp.int32),

@@ -195,16 +195,16 @@ class CooperativeSGD:
         if jax.tree.leaves(model_state) and not self.has_state:
             raise ValueError("init got a model_state, but the trainer was built without has_state=True, so the "
                              "loss would never see it; pass has_state=True and loss_fn(params, model_state, batch)")
-        self.backend.bind(params)
-        raw = _engine.init_state(self.spec, params, seed, rule=self.algorithm.period.init(), model_state=model_state)
-        check_mixer(self.mixer, raw.params, raw.mix_state, self.mixer.plan(0), self.m)
         be = self.backend
+        be.bind(params)
+        placed = be.broadcast_workers(params)
+        opt_state = be.init_workers(self.optimizer.init, placed)  # None: from the simulate layout's
+        raw = _engine.init_state(self.spec, params, seed, self.algorithm.period.init(), model_state, opt_state)
+        check_mixer(self.mixer, raw.params, raw.mix_state, self.mixer.plan(0), self.m)
         return EngineState(
-            params=be.broadcast_workers(params),
-            opt_state=be.place_workers(raw.opt_state),
-            mix_state=be.place_mix_state(raw.mix_state),
-            step=be.replicate(raw.step), rounds=be.replicate(raw.rounds), key=be.replicate(raw.key),
-            period=raw.period, model_state=be.place_workers(raw.model_state))
+            placed, raw.opt_state if opt_state is not None else be.place_workers(raw.opt_state),
+            be.place_mix_state(raw.mix_state), be.replicate(raw.step), be.replicate(raw.rounds),
+            be.replicate(raw.key), raw.period, be.place_workers(raw.model_state))
 
     def workers(self, state: EngineState):
         """The m worker models (leading axis m) on any backend."""
