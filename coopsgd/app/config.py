@@ -60,6 +60,7 @@ DEFAULTS: dict[str, object] = {
     "fragment_delay": 0,  # Streaming DiLoCo's overlap V: inner steps between a fragment's send and merge
     "adacomm_tau0": None,  # default: 2 * tau
     "adacomm_interval": None,  # simulated seconds; default: a tenth of the estimated run time
+    "hierarchy": None,  # hierarchical averaging's [[period, group_size], ...]; default: halves every tau, all every 4 tau
     "steps": 400,
     "batch_size": 16,
     "backend": "simulate",
@@ -206,9 +207,24 @@ def _check_period(cfg: Mapping, tau_given: bool) -> None:
                    24.0 * longest * cfg["workers"], "use a shorter tau or fewer workers")
 
 
+def _check_hierarchy(value):
+    """None, or a non-empty list of ``[period, group_size]`` pairs of integers (the rest of the
+    rules — increasing, dividing — are :func:`coopsgd.hierarchical`'s, checked when it is built)."""
+    if value is None:
+        return None
+    if not (isinstance(value, list) and value and all(
+            isinstance(pair, list) and len(pair) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in pair) for pair in value)):
+        raise ValueError(f"hierarchy must be a list of [period, group_size] pairs of integers, e.g. [[2, 4], [8, 8]] "
+                         f"(groups of 4 every 2 steps, all 8 workers every 8), got {value!r}")
+    return [list(pair) for pair in value]
+
+
 def _check_value(key: str, value):
     if key == "tau":
         return _check_tau(value)
+    if key == "hierarchy":
+        return _check_hierarchy(value)
     if key in _INTS:
         if value is None and key == "adacomm_tau0":
             return None

@@ -155,7 +155,13 @@ def hierarchy_levels(m: int, tau: int) -> dict[int, int]:
 def _hierarchical(ctx):
     from coopsgd.algorithms.averaging import hierarchical
 
-    return hierarchical(ctx.cfg["workers"], hierarchy_levels(ctx.cfg["workers"], ctx.cfg["tau"]))
+    levels = ctx.cfg.get("hierarchy")
+    if levels is None:
+        if isinstance(ctx.cfg["tau"], list):
+            raise ValueError(f"hierarchical takes its periods from a constant tau or from the hierarchy key, got the "
+                             f"tau schedule {ctx.cfg['tau']!r}; set hierarchy = [[period, group_size], ...] instead")
+        return hierarchical(ctx.cfg["workers"], hierarchy_levels(ctx.cfg["workers"], ctx.cfg["tau"]))
+    return hierarchical(ctx.cfg["workers"], [tuple(pair) for pair in levels])
 
 
 def _easgd(ctx):
@@ -292,6 +298,7 @@ for _entry in (
                               "outer.momentum": None},
           theory=False),
     Entry("hierarchical", "hierarchical averaging: groups (halves for even m) average every tau steps, all "
-          "workers every 4 tau", _hierarchical, {"tau": None}, theory=False),
+          "workers every 4 tau (or the hierarchy key's levels)", _hierarchical, {"tau": None, "hierarchy": None},
+          theory=False),
 ):
     register(_entry)
