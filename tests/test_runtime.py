@@ -155,3 +155,70 @@ def test_docstring_examples():
 
     for module in (rt, data):
         assert doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+
+
+class TestScaling:
+    """coopsgd.sim.scaling: the runtime model's arithmetic on paper, against a real simulated run."""
+
+    def test_by_hand(self):
+        from coopsgd.core.communication import Communication
+        from coopsgd.sim import scaling
+
+        ring = Communication("all-reduce", 1.75e6, 14, 1, 0, 8)
+        assert scaling.comm_seconds(ring, 1e-5, 1e9) == pytest.approx(14e-5 + 1.75e-3)
+        assert scaling.round_seconds(ring, 4, 0.01, latency=1e-5, bandwidth=1e9) == pytest.approx(0.04 + 0.00189)
+        # overlapped: max(tau Y, D); D = 0.00189 < 0.04 is hidden, a slow link is not
+        assert scaling.round_seconds(ring, 4, 0.01, latency=1e-5, bandwidth=1e9, overlap=True) == pytest.approx(0.04)
+        assert scaling.round_seconds(ring, 1, 0.001, latency=0, bandwidth=1e8, overlap=True) == pytest.approx(0.0175)
+        assert scaling.run_seconds(3, ring, 4, 0.01, latency=0, bandwidth=1e8, overlap=True) == pytest.approx(
+            0.04 + 2 * 0.04)
+        # 6 N T / (F u): 1e9 params, 16 384 tokens, 989 TFLOP/s at 40 %
+        assert scaling.transformer_step_seconds(1e9, 16384, 989e12, 0.4) == pytest.approx(
+            6 * 1e9 * 16384 / (989e12 * 0.4))
+        p = scaling.predict(ring, 4, 0.01, latency=1e-5, bandwidth=1e9, steps_to_target=10)
+        assert p.seconds_to_target == pytest.approx(3 * (0.04 + 0.00189))  # ceil(10 / 4) rounds
+
+    def test_bad_input(self):
+        from coopsgd.core.communication import NONE
+        from coopsgd.sim import scaling
+
+        with pytest.raises(ValueError, match="tau"):
+            scaling.round_seconds(NONE, 0, 1.0, latency=0, bandwidth=1)
+        with pytest.raises(ValueError, match="bandwidth"):
+            scaling.comm_seconds(NONE, 0.0, 0.0)
+        with pytest.raises(ValueError, match="utilization"):
+            scaling.transformer_step_seconds(1e6, 1, 1e12, 1.5)
+        with pytest.raises(ValueError, match="Communication"):
+            scaling.comm_seconds({"bytes": 1}, 0.0, 1.0)
+
+    @pytest.mark.parametrize("m,algo,overlap", [
+        (8, "local", False), (16, "ring", False), (8, "overlap", True), (16, "sync", False)])
+    def test_prediction_is_the_clock_of_a_real_run(self, m, algo, overlap):
+        import jax.numpy as jnp
+        import optax
+
+        from coopsgd import topology
+        from coopsgd.sim import scaling
+
+        algos = {"local": coopsgd.local_sgd(m, 4), "sync": coopsgd.fully_sync(m),
+                 "ring": coopsgd.decentralized_periodic(topology.by_name("ring", m), 2),
+                 "overlap": coopsgd.overlap_local_sgd(m, 2, 0.6)}
+        a = algos[algo]
+        tau = {"local": 4, "sync": 1, "ring": 2, "overlap": 2}[algo]
+        steps, param_bytes, y, lat, bw = 16, 4e6, 0.05, 2e-5, 1e9
+        trainer = coopsgd.CooperativeSGD(a, optax.sgd(0.1), lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2))
+        clock = rt.RuntimeModel(rt.constant(y), rt.network(lat, bw)).clock(m)
+
+        def hook(end):
+            traffic = end.trainer.communication(param_bytes, end.round) if end.mixed else None
+            clock.round(end.start, end.step - end.start, traffic, overlap=overlap, round_index=end.round)
+
+        batches = {"x": np.ones((steps, m, 2, 3), np.float32)}
+        trainer.run(trainer.init({"w": jnp.zeros(3)}), batches, steps, hooks=[hook])
+        predicted = scaling.run_seconds(steps // tau, trainer.communication(param_bytes), tau, y, latency=lat,
+                                        bandwidth=bw, overlap=overlap)
+        assert clock.time == pytest.approx(predicted, rel=1e-12)
+        if overlap:  # D = 2·7/8·4e6/1e9 + 14·2e-5 = 7.3 ms, hidden behind 2 steps of 50 ms
+            assert predicted == pytest.approx(steps * y)
+        else:  # the mixings cost something
+            assert predicted > steps * y
