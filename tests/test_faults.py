@@ -29,6 +29,7 @@ CONFIG = 'algorithm = "local_sgd"\nworkers = 2\ntau = 2\nsteps = 8\neval_every =
 DRIVER = r'''
 import os, signal, sys
 mode, args = sys.argv[1], sys.argv[2:]
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as at a terminal, even if launched in the background
 if "-save@" in mode:
     from orbax.checkpoint._src.path import atomicity
     real = atomicity.AtomicRenameTemporaryPath.finalize
