@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import INIT, LR, grad_np, loss_fn, make_batches
+from conftest import INIT, LR, local_sgd_np, loss_fn, make_batches
 
 import coopsgd
 from coopsgd.parallel import plan as plans
@@ -25,14 +25,7 @@ def torch_rule_np(batches, steps, m, levels):
     (``dist.new_subgroups``: ranks ``b·g … b·g + g − 1``); no period divides it: nothing. Between,
     plain SGD on each worker. The count is the number of steps taken (1-based); torch's own
     counter starts at 0 at the first call, one step earlier."""
-    w = np.tile(INIT["w"].astype(np.float64), (m, 1))
-    b = np.full(m, float(INIT["b"]))
-    for t in range(steps):
-        for i in range(m):
-            gw, gb = grad_np(w[i], b[i], batches["x"][t, i].astype(np.float64),
-                             batches["y"][t, i].astype(np.float64))
-            w[i] -= LR * gw
-            b[i] -= LR * gb
+    def average_groups(t, w, b):
         step = t + 1
         for period in reversed(list(levels)):  # torch's _find_process_group
             if step % period == 0:
@@ -41,7 +34,9 @@ def torch_rule_np(batches, steps, m, levels):
                     w[start:start + g] = w[start:start + g].mean(axis=0)
                     b[start:start + g] = b[start:start + g].mean()
                 break
-    return w, b
+        return w, b
+
+    return local_sgd_np(batches, steps, m, 0, average_groups)
 
 
 def run(backend, algo, batches, steps):

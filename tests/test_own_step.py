@@ -10,7 +10,7 @@ import networkx as nx
 import numpy as np
 import optax
 import pytest
-from conftest import INIT, LR, grad_np, loss_fn, make_batches
+from conftest import INIT, LR, local_sgd_np, loss_fn, make_batches
 
 import coopsgd
 
@@ -43,15 +43,13 @@ def test_local_sgd_equals_the_rule_by_hand():
     m, tau, steps = 4, 3, 7
     batches = make_batches(steps, m, seed=5)
     state, communicated = run(coopsgd.local_sgd(m, tau), batches, steps, donate=True)
-    w = np.tile(INIT["w"].astype(np.float64), (m, 1))
-    b = np.full(m, float(INIT["b"]))
-    for t in range(steps):
-        for i in range(m):
-            gw, gb = grad_np(w[i], b[i], batches["x"][t, i].astype(np.float64), batches["y"][t, i].astype(np.float64))
-            w[i] -= LR * gw
-            b[i] -= LR * gb
+
+    def average_every_tau(t, w, b):  # the exact average after steps tau, 2 tau, ...
         if (t + 1) % tau == 0:
             w[:], b[:] = w.mean(0), b.mean()
+        return w, b
+
+    w, b = local_sgd_np(batches, steps, m, 0, average_every_tau)
     np.testing.assert_allclose(np.asarray(state.workers[0]["w"]), w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(state.workers[0]["b"]), b, rtol=1e-5, atol=1e-6)
     assert communicated == [(t + 1) % tau == 0 for t in range(steps)]

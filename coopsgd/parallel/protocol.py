@@ -162,17 +162,24 @@ def optimizer_sync(policy, optimizer) -> OptimizerSync:
     Raises:
         ValueError: for an unknown name.
     """
+    def reset(opt, columns, axis):
+        return keep_schedule_counts(jax.vmap(optimizer.init)(columns), opt)
+
+    return _named("sync_optimizer_state", policy, {"keep": _unchanged("keep"), "average": _AVERAGE,
+                                                   "reset": OptimizerSync(reset, "reset")})
+
+
+def _named(what: str, policy, policies: dict[str, OptimizerSync]) -> OptimizerSync:
+    """``policy`` itself if it is an :class:`OptimizerSync`, else the one of ``policies`` it names."""
     if isinstance(policy, OptimizerSync):
         return policy
-    if not isinstance(policy, str) or policy not in SYNC_POLICIES:
-        raise ValueError(f"sync_optimizer_state must be one of {SYNC_POLICIES} or an OptimizerSync, got {policy!r}")
-    if policy == "keep":
-        return OptimizerSync(lambda opt, columns, axis: opt, "keep", identity=True)
-    if policy == "reset":
-        return OptimizerSync(lambda opt, columns, axis: keep_schedule_counts(jax.vmap(optimizer.init)(columns), opt),
-                             "reset")
+    if not isinstance(policy, str) or policy not in policies:
+        raise ValueError(f"{what} must be one of {tuple(policies)} or an OptimizerSync, got {policy!r}")
+    return policies[policy]
 
-    return OptimizerSync(_average, "average")
+
+def _unchanged(name: str) -> OptimizerSync:
+    return OptimizerSync(lambda tree, columns, axis: tree, name, identity=True)
 
 
 def _average(tree, columns, axis: WorkerAxis):
@@ -185,6 +192,8 @@ def _average(tree, columns, axis: WorkerAxis):
 
     return jax.tree.map(one, tree)
 
+
+_AVERAGE = OptimizerSync(_average, "average")
 
 StatePolicy = Literal["average", "local"]
 """Named model-state policies at a mixing."""
@@ -209,13 +218,7 @@ def state_sync(policy) -> OptimizerSync:
     Raises:
         ValueError: for an unknown name.
     """
-    if isinstance(policy, OptimizerSync):
-        return policy
-    if not isinstance(policy, str) or policy not in STATE_POLICIES:
-        raise ValueError(f"state_sync must be one of {STATE_POLICIES} or an OptimizerSync, got {policy!r}")
-    if policy == "local":
-        return OptimizerSync(lambda tree, columns, axis: tree, "local", identity=True)
-    return OptimizerSync(_average, "average")
+    return _named("state_sync", policy, {"average": _AVERAGE, "local": _unchanged("local")})
 
 
 class MixerError(ValueError):
