@@ -15,7 +15,7 @@ state, and let the loss merge them back and return the state the forward pass le
 and averages them with the models at every mixing (``state_sync="average"``; ``"local"`` keeps
 them per worker). The averaged model is evaluated with the averaged running statistics.
 
-Run:  python examples/nnx_batchnorm.py            (about 25 s on 2 CPU cores)
+Run:  python examples/nnx_batchnorm.py            (about 15 s on 2 CPU cores)
       python examples/nnx_batchnorm.py --quick    (a few seconds)
 """
 

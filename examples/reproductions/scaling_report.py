@@ -6,6 +6,7 @@ runtime model's arithmetic (coopsgd.sim.scaling) and the engine's account of eac
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import coopsgd
@@ -104,11 +105,18 @@ def exp_scaling(cfg, out: str, results: dict) -> dict:
             "step_seconds": {k: round(v, 6) for k, v in y.items()}, "tables": tables}
 
 
+def _two_five(value: float, _pos=None) -> str:
+    """A minor log tick's label: only at 2 and 5 × 10^k (plain numbers), so labels never crowd."""
+    digit = round(value / 10 ** math.floor(math.log10(value)))
+    return f"{value:g}" if digit in (2, 5) else ""
+
+
 def _plot(path: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, FuncFormatter
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
     n = MODELS["1 B"]
@@ -120,6 +128,8 @@ def _plot(path: str):
         ax.axhline(y, color="k", ls=":", lw=1, label="compute only (Y)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(_two_five))
         ax.set_title(f"1 B parameters, {g}", fontsize=9)
         ax.set_xlabel("accelerators m")
         ax.grid(alpha=0.3, which="both")
