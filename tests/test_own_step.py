@@ -120,3 +120,26 @@ def test_bad_input_is_refused():
     bare = coopsgd.cooperative_step(coopsgd.local_sgd(4, 2), train_step)  # default getter: .params
     with pytest.raises(ValueError, match="params= and with_params="):
         bare.init((INIT, TX.init(INIT)))
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (forced) devices")
+@pytest.mark.parametrize("name", ["local_sgd", "dpsgd"])
+def test_workers_placed_on_a_mesh_stay_there(name):
+    """Workers placed over a 4-device "workers" axis: the same models as on one device, and the
+    layout kept after mixings (an average that GSPMD would otherwise leave replicated)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    m, steps = 4, 4
+    algo = coopsgd.local_sgd(m, 2) if name == "local_sgd" else coopsgd.dpsgd(nx.cycle_graph(m))
+    mesh = jax.make_mesh((m,), ("workers",), devices=jax.devices()[:m], axis_types=(jax.sharding.AxisType.Auto,))
+    split = NamedSharding(mesh, PartitionSpec("workers"))
+    init, step = wrap(algo)
+    plain = init((INIT, TX.init(INIT)))
+    placed = plain._replace(workers=jax.device_put(plain.workers, split))
+    batches = make_batches(steps, m, seed=8)
+    for k in range(steps):
+        batch = jax.tree.map(lambda b: b[k], batches)
+        plain, _ = step(plain, batch)
+        placed, _ = step(placed, jax.device_put(batch, split))
+    assert placed.workers[0]["w"].sharding.spec == PartitionSpec("workers")
+    np.testing.assert_allclose(np.asarray(placed.workers[0]["w"]), np.asarray(plain.workers[0]["w"]), rtol=1e-6)

@@ -122,8 +122,12 @@ def cooperative_step(algorithm: Algorithm, train_step: Callable, *, params: Call
     programs: dict = {}
     donated = (0, 1) if donate else ()
 
-    def program(mixes: bool, static):
-        if (mixes, static) not in programs:
+    def program(mixes: bool, static, state: StepState):
+        """The compiled step for this mixing structure and this layout of the state: its results
+        pinned to the layout given (workers placed over a mesh stay there, never replicated)."""
+        layout = jax.tree.map(lambda x: getattr(x, "sharding", None), (state.workers, state.mix_state))
+        key = (mixes, static, jax.tree.structure(layout), tuple(jax.tree.leaves(layout)))
+        if key not in programs:
             def run(workers, mix_state, batch, args, moves, k):
                 workers, metrics = jax.vmap(train_step)(workers, batch)
                 if mixes:
@@ -131,8 +135,8 @@ def cooperative_step(algorithm: Algorithm, train_step: Callable, *, params: Call
                     workers = put(workers, x)
                 return workers, mix_state, k + 1, metrics
 
-            programs[mixes, static] = jax.jit(run, donate_argnums=donated)
-        return programs[mixes, static]
+            programs[key] = jax.jit(run, donate_argnums=donated, out_shardings=(*layout, None, None))
+        return programs[key]
 
     def init(worker_state) -> StepState:
         workers = jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (m,) + jnp.shape(a)), worker_state)
@@ -150,7 +154,7 @@ def cooperative_step(algorithm: Algorithm, train_step: Callable, *, params: Call
         k = int(state.step)
         mixes = schedule.communicates(k)
         mix_round = mixer.plan(schedule.round_index(k)) if mixes else MixRound(None, (), False)
-        workers, mix_state, count, metrics = program(mixes, mix_round.static)(
+        workers, mix_state, count, metrics = program(mixes, mix_round.static, state)(
             state.workers, state.mix_state, batch, mix_round.args, np.asarray(bool(mix_round.moves)), state.step)
         return StepState(workers, mix_state, count), {**metrics, "communicated": bool(mixes and mix_round.moves)}
 
