@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-__all__ = ["KINDS", "collectives", "device_groups"]
+__all__ = ["KINDS", "collectives", "counts", "device_groups"]
 
 KINDS = ("all-reduce", "all-gather", "collective-permute", "reduce-scatter", "all-to-all")
 """The collectives counted."""
@@ -49,6 +49,12 @@ def device_groups(line: str, devices: int) -> list[list[int]]:
         groups = [list(map(int, g.split(","))) for g in re.findall(r"\{([\d,]+)\}", listed.group(1))]
         return groups or [list(range(devices))]  # {} means every device, one group
     raise ValueError(f"no device groups found in {line.strip()[:120]!r}")
+
+
+def counts(hlo: str) -> dict[str, int]:
+    """How many collectives of each of :data:`KINDS` a compiled program's text contains."""
+    found = [op.group(1) for op in map(_OP.search, hlo.splitlines()) if op]
+    return {kind: found.count(kind) for kind in KINDS}
 
 
 def collectives(hlo: str, mesh_shape: dict[str, int]) -> list[tuple[str, tuple[str, ...]]]:

@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 from coopsgd.core.communication import Communication
 from coopsgd.core.validate import require_number
+from coopsgd.sim import runtime
 
 __all__ = [
     "GBPS",
@@ -62,10 +63,7 @@ def comm_seconds(traffic: Communication, latency: float, bandwidth: float) -> fl
         latency: seconds per message (α).
         bandwidth: bytes per second of one worker's link (1/β); see :data:`GBPS`.
     """
-    t = _traffic(traffic)
-    a = require_number("latency", latency, rule="seconds per message")
-    b = require_number("bandwidth", bandwidth, positive=True, rule="bytes per second")
-    return 0.0 if not t.moves else t.messages * a + t.bytes_per_worker / b
+    return runtime.network(latency, bandwidth).delay(_traffic(traffic), None)
 
 
 def round_seconds(traffic: Communication | None, tau: int, step_seconds: float, *, latency: float,
