@@ -262,3 +262,15 @@ class TestRandomGraphs:
             assert 0 <= sched.contraction() < 1
 
         check()
+
+
+@pytest.mark.parametrize("q, total, expected", [
+    ([0.9, 0.5, 0.2], 1.0, [0.7, 0.3, 0.0]),  # Σ(q − μ) = 1: μ = 0.2
+    ([1.8, 0.6, 0.4], 1.5, [1.0, 0.35, 0.15]),  # the first stays at its bound 1: 1 + (1 − 2μ) = 1.5, μ = 0.25
+    ([0.3, 0.2], 1.0, [0.3, 0.2]),  # within the budget: only clipped
+    ([-0.5, 1.4], 2.0, [0.0, 1.0]),
+])
+def test_budget_projection_solves_its_kkt_conditions(q, total, expected):
+    from coopsgd.algorithms.matcha import _project_budget
+
+    np.testing.assert_allclose(_project_budget(np.array(q), total), expected, atol=1e-12)

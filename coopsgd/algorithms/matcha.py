@@ -76,19 +76,19 @@ def _project_budget(q: np.ndarray, total: float) -> np.ndarray:
     """Euclidean projection onto ``{p : 0 ≤ p ≤ 1, Σ p ≤ total}``.
 
     Clip to the box; if the budget is still exceeded, the projection is ``clip(q − μ, 0, 1)`` with
-    the shift ``μ > 0`` that makes the sum equal ``total`` (found by bisection; KKT conditions).
+    the shift ``μ > 0`` that makes the sum equal ``total`` (KKT conditions). The sum is piecewise
+    linear in ``μ`` with knots at ``q_i`` and ``q_i − 1``, so ``μ`` is found exactly between the two
+    knots that bracket ``total``.
     """
     p = np.clip(q, 0.0, 1.0)
     if p.sum() <= total:
         return p
-    lo, hi = 0.0, float(np.max(q))
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if np.clip(q - mid, 0.0, 1.0).sum() > total:
-            lo = mid
-        else:
-            hi = mid
-    return np.clip(q - hi, 0.0, 1.0)
+    knots = np.unique(np.concatenate([q, q - 1.0]))
+    sums = np.clip(q[None, :] - knots[:, None], 0.0, 1.0).sum(axis=1)  # non-increasing in the knot
+    j = int(np.flatnonzero(sums >= total)[-1])  # sums[0] ≥ Σ clip(q) > total; the last sum is 0
+    drop = sums[j] - sums[j + 1]
+    mu = knots[j] + (knots[j + 1] - knots[j]) * (sums[j] - total) / drop
+    return np.clip(q - mu, 0.0, 1.0)
 
 
 def activation_probabilities(laplacians: np.ndarray, budget: float, *, iterations: int = 300) -> np.ndarray:

@@ -6,7 +6,8 @@ with no traceback and nothing half-written; a run that diverges (a NaN or Inf lo
 line and exit code 1. Set ``COOPSGD_DEBUG=1`` to see the traceback instead.
 
 The console script keeps JAX's compiled programs in a persistent cache
-(:func:`compilation_cache_dir`; ``COOPSGD_COMPILATION_CACHE=0`` turns it off).
+(:func:`compilation_cache_dir`; ``COOPSGD_COMPILATION_CACHE=0`` turns it off), and compiles a
+``--quick`` run for compile time (:data:`QUICK_XLA_FLAG`).
 """
 
 from __future__ import annotations
@@ -159,11 +160,27 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+QUICK_XLA_FLAG = "--xla_backend_optimization_level=0"
+"""What a ``--quick`` run adds to ``XLA_FLAGS``: LLVM's lowest optimisation level."""
+
+
+def _compile_for_speed() -> None:
+    """A ``--quick`` run's programs run for milliseconds, so XLA compiles them for compile time
+    (:data:`QUICK_XLA_FLAG`: XLA:CPU compiles 2–2.5× faster; the matrix products are library calls
+    either way; the results agree to float32 round-off). A level already in ``XLA_FLAGS`` is kept."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {QUICK_XLA_FLAG}".strip()
+
+
 def entry() -> None:  # pragma: no cover - the console script; tests call main()
-    """The ``coopsgd`` console script: the process-wide set-up (the compilation cache), then
-    :func:`main`."""
-    if _chosen(sys.argv[1:]) in COMPILING:
+    """The ``coopsgd`` console script: the process-wide set-up (the compilation cache; for a
+    ``--quick`` run, compiling for compile time), then :func:`main`."""
+    argv = sys.argv[1:]
+    if _chosen(argv) in COMPILING:
         _enable_compilation_cache()
+        if "--quick" in argv:
+            _compile_for_speed()
     sys.exit(main())
 
 

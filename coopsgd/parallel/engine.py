@@ -160,29 +160,25 @@ def round_program(spec: Spec, axis: WorkerAxis, rounds: int, length: int, mixes:
     outputs of the rounds not run are zeros.
     """
     track = spec.track_consensus
+    # With the metric on, each step's consensus is measured in the scan, except where a round ends
+    # with a mixing: there the last step's is measured after the mixing, replacing the one the scan
+    # took before it (one extra measurement a round, against a second copy of the step to compile).
+    inside = track and (length > 1 or not mixes)
 
     def body(c, b):
         x, o, s, ms, k, key = c
         x, o, s, ms, loss, aux = local_step(spec, axis, x, o, s, ms, k, key, b)
-        return (x, o, s, ms, k + 1, key), (loss, aux, consensus(axis, x) if track else None)
+        return (x, o, s, ms, k + 1, key), (loss, aux, consensus(axis, x) if inside else None)
 
+    @jax.jit
     def one_round(x, o, s, ms, k, key, batch, round_args, moved):
-        if not mixes or not track:
-            # One scan over the whole round, then the mixing (the usual, leanest program).
-            (x, o, s, ms, k, _), outs = lax.scan(body, (x, o, s, ms, k, key), batch)
-            if mixes:
-                x, o, s, ms = round_end(spec, axis, x, o, s, MixRound(static, round_args, moved, k), sync_some, ms)
-            return (x, o, s, ms, k), outs
-        # With the consensus metric the last step is unrolled, so that its consensus is
-        # measured after the mixing without computing it twice.
-        if length > 1:
-            (x, o, s, ms, k, _), head = lax.scan(body, (x, o, s, ms, k, key), jax.tree.map(lambda a: a[:-1], batch))
-        x, o, s, ms, loss, aux = local_step(spec, axis, x, o, s, ms, k, key, jax.tree.map(lambda a: a[-1], batch))
-        k = k + 1
-        x, o, s, ms = round_end(spec, axis, x, o, s, MixRound(static, round_args, moved, k), sync_some, ms)
-        outs = jax.tree.map(lambda a: a[None], (loss, aux, consensus(axis, x)))
-        if length > 1:
-            outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head, outs)
+        (x, o, s, ms, k, _), outs = lax.scan(body, (x, o, s, ms, k, key), batch)
+        if mixes:
+            x, o, s, ms = round_end(spec, axis, x, o, s, MixRound(static, round_args, moved, k), sync_some, ms)
+            if track:
+                loss, aux, cons = outs
+                after = consensus(axis, x)
+                outs = loss, aux, after[None] if cons is None else cons.at[-1].set(after)
         return (x, o, s, ms, k), outs
 
     def fn(params, opt, mix_state, model_state, step, key, batches, args, moves, todo=None):
@@ -200,6 +196,7 @@ def round_program(spec: Spec, axis: WorkerAxis, rounds: int, length: int, mixes:
                 put = lambda buf, v: lax.dynamic_update_index_in_dim(buf, v, i, 0)
                 return *state, jax.tree.map(put, buffers, outs)
 
+            # The round is traced once: its shapes size the buffers, and the loop reuses the trace.
             shapes = jax.eval_shape(lambda *a: one_round(*a)[1], *carry, key,
                                     *jax.tree.map(lambda a: a[0], (batches, args, moves)))
             buffers = jax.tree.map(lambda a: jnp.zeros((rounds,) + a.shape, a.dtype), shapes)
