@@ -1,6 +1,7 @@
 """The command line: topology, compare and train end to end, and bad input → one line, exit 2."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -246,6 +247,18 @@ class TestCompilationCache:
     def test_the_cache_can_be_turned_off(self, tmp_path):
         self._train(tmp_path, COOPSGD_CACHE_DIR=str(tmp_path / "cache"), COOPSGD_COMPILATION_CACHE="0")
         assert not (tmp_path / "cache").exists()
+
+    def test_quick_runs_compile_for_compile_time(self, monkeypatch):
+        monkeypatch.delenv("XLA_FLAGS", raising=False)
+        cli._compile_for_speed()
+        assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=0"
+        monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+        cli._compile_for_speed()  # added to the user's flags
+        assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
+                                                   "--xla_backend_optimization_level=0"]
+        monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2")
+        cli._compile_for_speed()  # a level the user chose is kept
+        assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=2"
 
     def test_default_folder_follows_xdg(self, monkeypatch, tmp_path):
         for key in ("COOPSGD_CACHE_DIR", "COOPSGD_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR"):

@@ -1,0 +1,87 @@
+"""How long ``coopsgd compare --quick`` takes from the shell, cold and warm. Prints JSON.
+
+    python benchmarks/compare_time.py              # the figures in docs/benchmarks.md (≈ 5 min)
+    python benchmarks/compare_time.py --repeats 1  # one of each
+
+Each repeat runs the console script four times, in fresh processes, alternating:
+
+- ``cold``: an empty compilation-cache folder (``COOPSGD_CACHE_DIR``), so every program is
+  compiled; ``--quick`` compiles at LLVM's lowest level (``coopsgd.app.cli.QUICK_XLA_FLAG``);
+- ``warm``: the same command again, the folder ``cold`` filled;
+- ``cold_optimized`` and ``warm_optimized``: the same pair with ``XLA_FLAGS`` asking for XLA's
+  default optimisation level (``--xla_backend_optimization_level=3``), which the command keeps:
+  what a ``--quick`` run cost before it compiled for compile time.
+
+A time is wall clock from just before the process starts to its exit (interpreter start, imports,
+compilation, the runs, the result files); ``cpu_s`` is the process's user + system time (both cores
+count). The figures are medians over the repeats; the machine's load average is recorded beside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MODES = {"cold": (True, None), "warm": (False, None),
+         "cold_optimized": (True, "--xla_backend_optimization_level=3"),
+         "warm_optimized": (False, "--xla_backend_optimization_level=3")}
+"""mode → (start from an empty cache, XLA_FLAGS)."""
+
+
+def one(command: list[str], cache: str, out: str, xla_flags: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COOPSGD_", "JAX_COMPILATION", "XLA_FLAGS"))}
+    env["COOPSGD_CACHE_DIR"] = cache
+    if xla_flags:
+        env["XLA_FLAGS"] = xla_flags
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    done = subprocess.run([*command, "--out", out], env=env,
+                          capture_output=True, text=True, timeout=900)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise RuntimeError(f"{command} exited with {done.returncode}: {done.stderr[-2000:]}")
+    line = [t for t in done.stdout.splitlines() if t.startswith("total real time")]
+    return {"wall_s": wall, "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            "reported": line[0] if line else None, "loadavg_after": os.getloadavg()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=3, help="rounds of the four modes (default 3)")
+    p.add_argument("--command", default="coopsgd compare --quick",
+                   help="the command to time (default: coopsgd compare --quick)")
+    args = p.parse_args(argv)
+    command = args.command.split()
+    if shutil.which(command[0]) is None:
+        p.error(f"{command[0]} is not on PATH (pip install -e . in this environment)")
+    report = {"command": args.command, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "loadavg_start": os.getloadavg(), "runs": {m: [] for m in MODES}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            caches = {False: None, True: None}
+            for mode, (cold, flags) in MODES.items():
+                key = flags is not None
+                if cold:
+                    caches[key] = os.path.join(tmp, f"cache_{r}_{mode}")
+                report["runs"][mode].append(one(command, caches[key], os.path.join(tmp, f"out_{r}_{mode}"), flags))
+    report["loadavg_end"] = os.getloadavg()
+    report["date_end"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    report["median_wall_s"] = {m: statistics.median(x["wall_s"] for x in v) for m, v in report["runs"].items()}
+    report["median_cpu_s"] = {m: statistics.median(x["cpu_s"] for x in v) for m, v in report["runs"].items()}
+    report["target_met"] = {"warm_le_10s": report["median_wall_s"]["warm"] <= 10,
+                            "cold_le_20s": report["median_wall_s"]["cold"] <= 20}
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
