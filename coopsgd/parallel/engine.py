@@ -161,18 +161,26 @@ def round_program(spec: Spec, axis: WorkerAxis, rounds: int, length: int, mixes:
     """
     track = spec.track_consensus
     # With the metric on, each step's consensus is measured in the scan, except where a round ends
-    # with a mixing: there the last step's is measured after the mixing, replacing the one the scan
-    # took before it (one extra measurement a round, against a second copy of the step to compile).
+    # with a mixing: there the last step's is measured after the mixing (the scan skips it), so
+    # the step is compiled once, not once in the scan and again unrolled.
     inside = track and (length > 1 or not mixes)
 
     def body(c, b):
         x, o, s, ms, k, key = c
-        x, o, s, ms, loss, aux = local_step(spec, axis, x, o, s, ms, k, key, b)
-        return (x, o, s, ms, k + 1, key), (loss, aux, consensus(axis, x) if inside else None)
+        batch, last = b
+        x, o, s, ms, loss, aux = local_step(spec, axis, x, o, s, ms, k, key, batch)
+        if not inside:
+            cons = None
+        elif mixes:
+            cons = lax.cond(last, lambda x: jnp.zeros((), jnp.float32), lambda x: consensus(axis, x), x)
+        else:
+            cons = consensus(axis, x)
+        return (x, o, s, ms, k + 1, key), (loss, aux, cons)
 
     @jax.jit
     def one_round(x, o, s, ms, k, key, batch, round_args, moved):
-        (x, o, s, ms, k, _), outs = lax.scan(body, (x, o, s, ms, k, key), batch)
+        last = jnp.arange(length) == length - 1
+        (x, o, s, ms, k, _), outs = lax.scan(body, (x, o, s, ms, k, key), (batch, last))
         if mixes:
             x, o, s, ms = round_end(spec, axis, x, o, s, MixRound(static, round_args, moved, k), sync_some, ms)
             if track:
