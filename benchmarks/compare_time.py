@@ -2,6 +2,7 @@
 
     python benchmarks/compare_time.py              # the figures in docs/benchmarks.md (≈ 5 min)
     python benchmarks/compare_time.py --repeats 1  # one of each
+    python benchmarks/compare_time.py --command "coopsgd compare --quick" --command "OTHER/coopsgd compare --quick"
 
 Each repeat runs the console script four times, in fresh processes, alternating:
 
@@ -12,7 +13,8 @@ Each repeat runs the console script four times, in fresh processes, alternating:
   default optimisation level (``--xla_backend_optimization_level=3``), which the command keeps:
   what a ``--quick`` run cost before it compiled for compile time.
 
-A time is wall clock from just before the process starts to its exit (interpreter start, imports,
+With several ``--command`` s (another checkout's console script, say) each mode runs every command
+in turn before the next mode, so the commands see the same machine. A time is wall clock from just before the process starts to its exit (interpreter start, imports,
 compilation, the runs, the result files); ``cpu_s`` is the process's user + system time (both cores
 count). The figures are medians over the repeats; the machine's load average is recorded beside.
 """
@@ -57,28 +59,34 @@ def one(command: list[str], cache: str, out: str, xla_flags: str | None) -> dict
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="rounds of the four modes (default 3)")
-    p.add_argument("--command", default="coopsgd compare --quick",
-                   help="the command to time (default: coopsgd compare --quick)")
+    p.add_argument("--command", action="append", default=None,
+                   help="a command to time, repeatable (default: coopsgd compare --quick)")
     args = p.parse_args(argv)
-    command = args.command.split()
-    if shutil.which(command[0]) is None:
-        p.error(f"{command[0]} is not on PATH (pip install -e . in this environment)")
-    report = {"command": args.command, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "loadavg_start": os.getloadavg(), "runs": {m: [] for m in MODES}}
+    commands = [c.split() for c in (args.command or ["coopsgd compare --quick"])]
+    for command in commands:
+        if shutil.which(command[0]) is None:
+            p.error(f"{command[0]} is not on PATH (pip install -e . in this environment)")
+    report = {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "loadavg_start": os.getloadavg(),
+              "commands": [{"command": " ".join(c), "runs": {m: [] for m in MODES}} for c in commands]}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            caches = {False: None, True: None}
+            caches = {}
             for mode, (cold, flags) in MODES.items():
-                key = flags is not None
-                if cold:
-                    caches[key] = os.path.join(tmp, f"cache_{r}_{mode}")
-                report["runs"][mode].append(one(command, caches[key], os.path.join(tmp, f"out_{r}_{mode}"), flags))
+                for i, (command, entry) in enumerate(zip(commands, report["commands"])):
+                    key = (i, flags is not None)
+                    if cold:
+                        caches[key] = os.path.join(tmp, f"cache_{r}_{i}_{mode}")
+                    out = os.path.join(tmp, f"out_{r}_{i}_{mode}")
+                    entry["runs"][mode].append(one(command, caches[key], out, flags))
     report["loadavg_end"] = os.getloadavg()
     report["date_end"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    report["median_wall_s"] = {m: statistics.median(x["wall_s"] for x in v) for m, v in report["runs"].items()}
-    report["median_cpu_s"] = {m: statistics.median(x["cpu_s"] for x in v) for m, v in report["runs"].items()}
-    report["target_met"] = {"warm_le_10s": report["median_wall_s"]["warm"] <= 10,
-                            "cold_le_20s": report["median_wall_s"]["cold"] <= 20}
+    for entry in report["commands"]:
+        runs = entry["runs"]
+        entry["median_wall_s"] = {m: statistics.median(x["wall_s"] for x in v) for m, v in runs.items()}
+        entry["median_cpu_s"] = {m: statistics.median(x["cpu_s"] for x in v) for m, v in runs.items()}
+        entry["target_met"] = {"warm_le_10s": entry["median_wall_s"]["warm"] <= 10,
+                               "cold_le_20s": entry["median_wall_s"]["cold"] <= 20}
     print(json.dumps(report, indent=1))
     return 0
 
