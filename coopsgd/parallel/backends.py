@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from coopsgd.core.validate import require_choice
+from coopsgd.parallel import programs as _programs
 from coopsgd.parallel.collectives import AXIS, WorkerAxis
 from coopsgd.parallel.protocol import MixerState
 
@@ -447,8 +448,7 @@ class ShardMap(Backend):
         mains: dict = {}  # one per layout of the state: its results pinned to the layout given
 
         def main(*args):
-            layout = jax.tree.map(lambda x: x.sharding, args[: len(DONATED)])
-            signature = (jax.tree.structure(layout), tuple(jax.tree.leaves(layout)))
+            layout, signature = _programs.layout(args[: len(DONATED)])
             if signature not in mains:
                 mains[signature] = jax.jit(main_fn, donate_argnums=DONATED if donate else (),
                                            out_shardings=(*layout, replicated, replicated, None))

@@ -21,9 +21,10 @@ import types
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
+import jax
 import numpy as np
 
-__all__ = ["clear", "fingerprint", "program", "spec_key"]
+__all__ = ["clear", "fingerprint", "layout", "program", "spec_key"]
 
 _CACHE: OrderedDict = OrderedDict()
 _CAPACITY = 64
@@ -79,6 +80,13 @@ def spec_key(spec) -> Hashable:
     traced = (spec.loss_fn, spec.optimizer, spec.mixer.apply, spec.mixer.direction, spec.sync.apply,
               spec.sync.identity, state_sync)
     return fingerprint(traced), spec.m, spec.has_aux, spec.with_rng, spec.track_consensus, spec.has_state
+
+
+def layout(tree) -> tuple:
+    """``(shardings, key)``: the sharding of every leaf of ``tree`` (``None`` for a host array) and a
+    hashable key of that layout, for programs compiled once per layout of their inputs."""
+    shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), tree)
+    return shardings, (jax.tree.structure(shardings), tuple(jax.tree.leaves(shardings)))
 
 
 def program(key: Hashable, build: Callable[[], Callable]) -> Callable:

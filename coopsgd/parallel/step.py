@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coopsgd.core.algorithm import Algorithm
+from coopsgd.parallel import programs as _programs
 from coopsgd.parallel.batches import check_leading
 from coopsgd.parallel.collectives import WorkerAxis
 from coopsgd.parallel.linear import linear
@@ -125,8 +126,8 @@ def cooperative_step(algorithm: Algorithm, train_step: Callable, *, params: Call
     def program(mixes: bool, static, state: StepState):
         """The compiled step for this mixing structure and this layout of the state: its results
         pinned to the layout given (workers placed over a mesh stay there, never replicated)."""
-        layout = jax.tree.map(lambda x: getattr(x, "sharding", None), (state.workers, state.mix_state))
-        key = (mixes, static, jax.tree.structure(layout), tuple(jax.tree.leaves(layout)))
+        layout, signature = _programs.layout((state.workers, state.mix_state))
+        key = (mixes, static, signature)
         if key not in programs:
             def run(workers, mix_state, batch, args, moves, k):
                 workers, metrics = jax.vmap(train_step)(workers, batch)
