@@ -237,12 +237,29 @@ class TestCompilationCache:
                                str(tmp_path / "out"), "--no-progress", "--metrics", "none"],
                               env=full, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
+        return done
 
     def test_programs_are_cached_in_the_chosen_folder(self, tmp_path):
         self._train(tmp_path, COOPSGD_CACHE_DIR=str(tmp_path / "cache"))
         entries = list((tmp_path / "cache").iterdir())
         assert entries, "no compiled program was cached"
         assert (tmp_path / "cache").stat().st_mode & 0o077 == 0  # the cache runs code: this user's only
+
+    def test_a_second_run_loads_the_rounds_the_first_kept(self, tmp_path):
+        import json
+        import shutil
+
+        cache = tmp_path / "cache"
+        first = self._train(tmp_path, COOPSGD_CACHE_DIR=str(cache))
+        kept = {p.name: p.stat().st_mtime_ns for p in (cache / "programs").glob("*.jaxexport")}
+        summary = json.loads((tmp_path / "out" / "results.json").read_text())["runs"][0]["history"]
+        shutil.rmtree(tmp_path / "out")
+        second = self._train(tmp_path, COOPSGD_CACHE_DIR=str(cache))
+        assert kept, "no round was kept"
+        # Every round was found under the same name (none written again) and computes the same.
+        assert {p.name: p.stat().st_mtime_ns for p in (cache / "programs").glob("*.jaxexport")} == kept
+        assert json.loads((tmp_path / "out" / "results.json").read_text())["runs"][0]["history"] == summary
+        assert first.stdout.splitlines()[0] == second.stdout.splitlines()[0]
 
     def test_the_cache_can_be_turned_off(self, tmp_path):
         self._train(tmp_path, COOPSGD_CACHE_DIR=str(tmp_path / "cache"), COOPSGD_COMPILATION_CACHE="0")

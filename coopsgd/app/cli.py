@@ -155,9 +155,15 @@ def _enable_compilation_cache() -> None:
         return
     import jax
 
+    from coopsgd.parallel import programs
+
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # the small programs add up
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    try:  # a trainer's rounds, kept whole: a later run skips tracing them too
+        programs.keep_in(os.path.join(folder, "programs"))
+    except OSError as err:
+        print(_one_line(f"{PROG}: warning: compiled rounds are not kept ({folder}: {err.strerror})"), file=sys.stderr)
 
 
 QUICK_XLA_FLAG = "--xla_backend_optimization_level=0"

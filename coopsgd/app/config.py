@@ -35,13 +35,14 @@ __all__ = [
     "build_runtime",
     "check_fits",
     "depends_on_steps",
-    "stretched_over_steps",
     "expected_delay",
     "flatten",
     "load_toml",
     "make_config",
     "parse_override",
+    "program_key",
     "require_tau_applies",
+    "stretched_over_steps",
 ]
 
 DEFAULTS: dict[str, object] = {
@@ -431,3 +432,21 @@ def stretched_over_steps(cfg: Mapping) -> str | None:
 def depends_on_steps(cfg: Mapping) -> bool:
     """Whether anything but the stopping point depends on ``steps`` (:func:`stretched_over_steps`)."""
     return stretched_over_steps(cfg) is not None
+
+
+def program_key(cfg: Mapping) -> str:
+    """A name for what a configuration's trainer computes (its ``program_key``,
+    :mod:`coopsgd.parallel.programs`): a hash of every key but ``out`` (and ``steps`` when nothing
+    depends on it, :func:`depends_on_steps`), with the size and time of a data file."""
+    import hashlib
+    import json
+
+    kept = {k: v for k, v in cfg.items() if k != "out" and not (k == "steps" and not depends_on_steps(cfg))}
+    if kept.get("data") not in (None, "digits"):
+        try:
+            stat = os.stat(kept["data"])
+            kept["data"] = [os.path.abspath(kept["data"]), stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            pass
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=repr).encode()).hexdigest()
+

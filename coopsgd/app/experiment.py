@@ -68,7 +68,8 @@ class _Run:
         fused = self.period.constant_tau is not None
         self.trainer = CooperativeSGD(self.algorithm, config.build_optimizer(cfg), models.loss_fn(self.model),
                                       backend=cfg["backend"], steps_per_call=256 if fused else 1,
-                                      track_consensus=True)  # the history and metrics report it
+                                      track_consensus=True,  # the history and metrics report it
+                                      program_key=config.program_key(cfg))
         self.state = self.trainer.init(params0, seed=cfg["seed"])
         self.clock = config.build_runtime(cfg).clock(m)
         self.round_cache: dict = {"start": 0, "stamps": []}

@@ -7,7 +7,8 @@ Each run writes into ``OUT/metrics/``:
   the simulated time (s), the loss, the test accuracy (evaluations), the consensus distance
   (1/m) Σᵢ‖xᵢ − x̄‖² and the bytes communicated so far;
 - ``tensorboard/<run>/``: the same scalars as TensorBoard event files (written by ``tensorboardX``,
-  no TensorFlow needed), against the step: ``tensorboard --logdir OUT/metrics/tensorboard``.
+  no TensorFlow needed), against the step: ``tensorboard --logdir OUT/metrics/tensorboard``;
+  synced to disk at every evaluation and at the end (a round's record waits for the next one).
 
 A record that cannot be written (a full disk) is reported once and the run goes on without
 metrics: they are a view of the run, never a reason to lose it.
@@ -101,7 +102,8 @@ class MetricsWriter:
                           for key in _SCALARS if _finite(record.get(key)) is not None]
                 self._tb.write_event(event_pb2.Event(wall_time=time.time(), step=int(record["step"]),
                                                      summary=summary_pb2.Summary(value=values)))
-                self._tb.flush()
+                if kind == "eval":  # tensorboardX syncs the file to disk on each flush: once per evaluation
+                    self._tb.flush()
         except OSError as err:
             self._failed(err)
 

@@ -35,15 +35,8 @@ from coopsgd.parallel.batches import BatchSource, check_batch, check_leading, ch
 from coopsgd.parallel.collectives import WorkerAxis
 from coopsgd.parallel.hooks import Hook, RoundEnd, call_hooks, concat
 from coopsgd.parallel.linear import linear
-from coopsgd.parallel.protocol import (
-    Mixer,
-    MixRound,
-    OptimizerSync,
-    StatePolicy,
-    SyncPolicy,
-    check_mixer,
-    optimizer_sync,
-)
+from coopsgd.parallel.protocol import (Mixer, MixRound, OptimizerSync, StatePolicy, SyncPolicy, check_mixer,
+                                       optimizer_sync)
 from coopsgd.parallel.protocol import state_sync as model_state_sync
 from coopsgd.parallel.state import EngineState, PeriodState, StepMetrics, raise_if_nonfinite
 
@@ -99,6 +92,9 @@ class CooperativeSGD:
             to :meth:`run` or :meth:`step` is consumed, and so is every ``RoundEnd.state`` a hook
             sees once the next call runs (copy what a hook keeps, e.g. with ``jax.device_get``).
             Two copies of the models at peak instead of three; not on the pmap backend.
+        program_key: a string naming what the rounds trace beyond coopsgd and the flags above (the
+            algorithm, optimizer, loss, sync options; e.g. a hash of their configuration): with a
+            :func:`~coopsgd.parallel.programs.keep_in` folder, later processes load them untraced.
 
     Raises:
         ValueError: for an optimizer that is not an optax transformation, an unknown backend or
@@ -115,7 +111,7 @@ class CooperativeSGD:
                  with_rng: bool = False, has_state: bool = False,
                  state_sync: StatePolicy | OptimizerSync = "average", track_consensus: bool = False,
                  devices=None, mesh=None, param_specs=None, steps_per_call: int = 256,
-                 mixer: Mixer | None = None, donate: bool = False):
+                 mixer: Mixer | None = None, donate: bool = False, program_key: str | None = None):
         if not isinstance(algorithm, Algorithm):
             raise ValueError(f"algorithm must be a coopsgd.Algorithm, got {type(algorithm).__name__}")
         if not _is_optax(optimizer):
@@ -127,6 +123,8 @@ class CooperativeSGD:
             raise ValueError(f"loss_fn must be callable loss_fn(params, batch), got {loss_fn!r}")
         if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
             raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}")
+        if program_key is not None and not isinstance(program_key, str):
+            raise ValueError(f"program_key must be a string (or None), got {type(program_key).__name__}")
         if mixer is not None and not isinstance(mixer, Mixer):
             raise ValueError(f"mixer must be a coopsgd Mixer, got {type(mixer).__name__}")
         self.algorithm, self.optimizer, self.loss_fn = algorithm, optimizer, loss_fn
@@ -143,8 +141,7 @@ class CooperativeSGD:
         self.spec = _engine.Spec(loss_fn, optimizer, self.mixer, optimizer_sync(sync_optimizer_state, optimizer),
                                 self.m, bool(has_aux), bool(with_rng), bool(track_consensus), bool(has_state),
                                 model_state_sync(state_sync))
-        self.steps_per_call = steps_per_call
-        self.donate = bool(donate)
+        self.steps_per_call, self.donate, self.program_key = steps_per_call, bool(donate), program_key
         self._programs: dict = {}
         self._args_cache: OrderedDict = OrderedDict()
         self._placed_cache: dict = {}
@@ -266,12 +263,17 @@ class CooperativeSGD:
         time) the one every trainer of the same configuration shares."""
         key = (rounds, length, mixes, static, sync_some)
         if key not in self._programs:
+            spec_key = _programs.spec_key(self.spec)
+            keyed = isinstance(self.backend, _backends.Simulate) and self.program_key  # kept on one device only
+            name = _programs.stable_name(keyed, spec_key[1:], self.backend.key, self.donate, key)
+
             def build():
                 local = _engine.round_program(self.spec, self.backend.axis, rounds, length, mixes, static,
                                               sync_some)
-                return self.backend.compile(local, _engine.summarize, length, mixes, self.donate)
+                fn = self.backend.compile(local, _engine.summarize, length, mixes, self.donate)
+                return fn if name is None else _programs.persisted(fn, name)
 
-            shared = (_programs.spec_key(self.spec), self.backend.key, self.donate, key)
+            shared = (spec_key, self.backend.key, self.donate, key, name, name and _programs.kept_in())
             self._programs[key] = _programs.program(shared, build)
         return self._programs[key]
 
@@ -474,8 +476,7 @@ class CooperativeSGD:
                 state.params, state.opt_state, state.mix_state, state.model_state, state.step, state.key, batches,
                 stacked, jnp.asarray(moves))
             new = state._replace(params=params, opt_state=opt, mix_state=mix_state, model_state=model_state,
-                                 step=state.step + tau,
-                                 rounds=state.rounds + int(bool(mix)))
+                                 step=state.step + tau, rounds=state.rounds + int(bool(mix)))
             return new, self._metrics(_engine.summarize(outs), jnp.asarray(communicated))
 
         return f
@@ -491,8 +492,7 @@ class CooperativeSGD:
                                       bool(mixes and mix_round.moves))
         args = jax.tree.map(lambda c: np.asarray(c)[None], mix_round.args)
         operands = (state.params, state.opt_state, state.mix_state, state.model_state, state.step, state.key,
-                    batches, args,
-                    np.asarray([bool(mix_round.moves)]), np.int32(1))
+                    batches, args, np.asarray([bool(mix_round.moves)]), np.int32(1))
         if isinstance(be, _backends.Pmap):
             return be.mapped(local).lower(operands)
         fn = jax.jit(be.shard_mapped(local)) if isinstance(be, _backends.ShardMap) else jax.jit(local)
