@@ -139,6 +139,58 @@ def test_compare_end_to_end(capsys, tmp_path):
     assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("name,final_train_loss")
 
 
+class TestJobs:
+    """``compare --jobs``: algorithms trained at once in threads, with the results of one by one."""
+
+    ARGS = ("compare", "--algorithms", "local_sgd,dpsgd,choco_sgd", "--steps", "16", "--workers", "4",
+            "--set", "eval_every=8", "--no-progress", "--metrics", "none")
+
+    @staticmethod
+    def _runs(path):
+        def strip(x):  # the run's own wall-clock time and output folder may differ
+            if isinstance(x, dict):
+                return {k: strip(v) for k, v in x.items() if k not in ("real_time", "out")}
+            return [strip(v) for v in x] if isinstance(x, list) else x
+
+        return strip(json.loads((path / "results.json").read_text())["runs"])
+
+    def test_threads_give_the_results_of_one_by_one(self, capsys, tmp_path):
+        for jobs in ("1", "3"):
+            code, out, err = _run(capsys, *self.ARGS, "--jobs", jobs, "--out", str(tmp_path / jobs))
+            assert code == 0, err
+        one, three = self._runs(tmp_path / "1"), self._runs(tmp_path / "3")
+        assert [r["name"] for r in three] == ["local_sgd", "dpsgd", "choco_sgd"]  # the order asked for
+        assert one == three
+
+    def test_a_diverging_run_stops_the_others_and_writes_no_results(self, capsys, tmp_path):
+        code, _, err = _run(capsys, *self.ARGS, "--lr", "1e6", "--jobs", "2", "--out", str(tmp_path / "d"))
+        assert code == 1 and err.count("\n") == 1 and "diverged" in err
+        assert not (tmp_path / "d" / "results.json").exists()
+
+    def test_jobs_must_be_positive(self, capsys, tmp_path):
+        code, _, err = _run(capsys, *self.ARGS, "--jobs", "0", "--out", str(tmp_path / "z"))
+        assert code == 2 and err.count("\n") == 1 and "--jobs must be an integer >= 1, got 0" in err
+
+    def test_ctrl_c_stops_every_run_and_writes_no_results(self, tmp_path):
+        import subprocess
+        import sys
+
+        # SIGINT (Ctrl-C) as soon as the first run is past its first round, from a worker thread.
+        script = (
+            "import os, signal, sys, threading\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from coopsgd.app import cli, experiment\n"
+            "real = experiment._Run.on_round\n"
+            "def on_round(self, *a, **k):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    return real(self, *a, **k)\n"
+            "experiment._Run.on_round = on_round\n"
+            f"sys.exit(cli.main({list(self.ARGS) + ['--jobs', '2', '--out', str(tmp_path / 'c')]!r}))\n")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 130 and done.stderr == "coopsgd: interrupted\n", done.stderr
+        assert not (tmp_path / "c" / "results.json").exists()
+
+
 def test_train_with_overrides(capsys, tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text('algorithm = "easgd"\nworkers = 4\nsteps = 16\neval_every = 8\n[optimizer]\nlr = 0.05\n')

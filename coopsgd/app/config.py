@@ -332,14 +332,15 @@ OPTIMIZER_SLOTS = {name: slots for name, (_, slots) in OPTIMIZERS.items()}
 """Model-sized buffers of each optimizer's state per worker."""
 
 
-def check_fits(cfg: Mapping, model, example_bytes: float = 0.0, steps_per_call: int = 256) -> None:
+def check_fits(cfg: Mapping, model, example_bytes: float = 0.0, steps_per_call: int = 256, runs: int = 1) -> None:
     """ValueError if training ``cfg`` would not fit in this machine's memory, before any work.
 
     ``model``: a :class:`coopsgd.app.models.Model` (its size is traced, nothing is allocated) or
     the bytes of one model. The estimate: ``workers`` columns of the model, about ``5 + s`` times
     over (parameters, gradients, the mixing's output, a mixer's copies, and the optimizer's ``s``
     model-sized slots, :data:`OPTIMIZER_SLOTS`), plus one fused call's batches
-    (``steps_per_call × workers × batch_size`` examples of ``example_bytes``)."""
+    (``steps_per_call × workers × batch_size`` examples of ``example_bytes``); ``runs`` such runs
+    at once."""
     if hasattr(model, "init"):
         import jax
 
@@ -350,9 +351,11 @@ def check_fits(cfg: Mapping, model, example_bytes: float = 0.0, steps_per_call: 
     m = cfg["workers"]
     copies = 5 + OPTIMIZER_SLOTS[cfg["optimizer.name"]]
     batches = min(steps_per_call, cfg["steps"]) * m * cfg["batch_size"] * example_bytes
-    need = copies * (m + 2) * float(param_bytes) + batches
+    need = runs * (copies * (m + 2) * float(param_bytes) + batches)
+    at_once = f" ({runs} runs at once)" if runs > 1 else ""
     require_memory(f"training {m} workers of a {format_bytes(param_bytes)} model ({copies} copies each) "
-                   f"with batches of {cfg['batch_size']}", need, "use fewer workers, a smaller model or batch")
+                   f"with batches of {cfg['batch_size']}{at_once}", need,
+                   "use fewer workers, a smaller model or batch" + (", or --jobs 1" if runs > 1 else ""))
 
 
 # --------------------------------------------------------------------------------- builders

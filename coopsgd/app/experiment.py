@@ -11,6 +11,7 @@ from one round hook of the trainer, with no training loop of its own.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 
@@ -58,7 +59,7 @@ class _Run:
         shards = data_mod.split(ds.y_train, m, cfg["split"], cfg["dirichlet_alpha"], cfg["seed"])
         self.sampler = data_mod.WorkerSampler(ds.x_train, ds.y_train, shards, cfg["batch_size"], cfg["seed"])
         self.model = models.make(cfg["model"], ds.input_shape, max(ds.num_classes, 2))
-        params0 = self.model.init(jax.random.key(cfg["seed"]))
+        params0 = _initial_params(self.model, cfg["seed"])
         self.param_bytes = float(tree_bytes(params0))
         self.algorithm, entry = registry.build(cfg, self.param_bytes)
         self.overlap = entry.overlap
@@ -137,10 +138,10 @@ class _Run:
             self.metrics.write("eval", dict(row, bytes=self.bytes))
 
     # -- the round hook -----------------------------------------------------------------------
-    def on_round(self, end: RoundEnd, *, steps: int, checkpoint_every: int, saver, bar, stop_at,
+    def on_round(self, end: RoundEnd, *, steps: int, checkpoint_every: int, saver, bar, stop_at, cancel,
                  real0: float, t_start: float):
         """Between rounds: simulated time, traffic, the adaptive period's observation, evaluation,
-        checkpoint, progress, and stopping at ``stop_at``."""
+        checkpoint, progress, and stopping at ``stop_at`` or when ``cancel`` is set."""
         state, k0, k = end.state, end.start, end.step
         loss, comm, cons = (np.asarray(end.metrics.loss), np.asarray(end.metrics.communicated),
                             np.asarray(end.metrics.consensus))
@@ -169,7 +170,7 @@ class _Run:
         ck = checkpoint_every
         if saver is not None and (k == steps or (ck and k // ck > k0 // ck)):
             saver.save(k, state, self.host_state())
-        if stop_at is not None and k >= stop_at:
+        if (stop_at is not None and k >= stop_at) or (cancel is not None and cancel.is_set()):
             return Stop(state)
         return state
 
@@ -194,6 +195,22 @@ class _Run:
         self.mixings = int(host["mixings"])
         self.bytes = float(host["bytes"])
         self.real_time = float(host["real_time"])
+
+
+def _initial_params(model, seed: int):
+    """``model.init`` from ``seed``'s key, computed once per process for every run that starts
+    from it (a compare's runs all do; the arrays are never written to)."""
+    key = (model.name, model.input_shape, repr(model.module), seed)
+    if key not in _INITIAL:
+        import jax
+
+        _INITIAL[key] = model.init(jax.random.key(seed))
+        while len(_INITIAL) > 4:
+            _INITIAL.pop(next(iter(_INITIAL)))
+    return _INITIAL[key]
+
+
+_INITIAL: dict = {}
 
 
 def _evaluator(model, m: int):
@@ -225,7 +242,8 @@ def _evaluator(model, m: int):
 
 def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool = False,
         checkpoint_dir=None, checkpoint_every: int = 0, resume=None, stop_at: int | None = None,
-        note: Callable[[str], None] | None = None, metrics_dir=None, metrics: str = "both") -> RunResult:
+        note: Callable[[str], None] | None = None, metrics_dir=None, metrics: str = "both",
+        cancel: threading.Event | None = None, position: int | None = None) -> RunResult:
     """Train the configured run and return its :class:`RunResult`.
 
     Args:
@@ -237,6 +255,9 @@ def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool =
             and at the end.
         resume: a checkpoint folder to continue from (its latest readable checkpoint).
         stop_at: stop after this many steps (for tests of resumption; the history is partial).
+        cancel: stop at the next round end once this event is set (runs going at once in threads
+            stop together); the history is partial.
+        position: the progress bar's line among the bars of runs going at once.
         note: called with one line when resuming skips an unreadable checkpoint (default: a warning).
         metrics_dir: where :mod:`coopsgd.app.metrics` writes the run's records while it goes
             (``metrics`` picks the formats: ``both``, ``jsonl``, ``tensorboard`` or ``none``).
@@ -292,14 +313,14 @@ def run(cfg: Mapping, *, name: str | None = None, dataset=None, progress: bool =
                                   note=note)
     if int(r.state.step) == 0 and not r.history["step"]:
         r.evaluate(batch_loss=None, consensus=0.0)
-    bar = _progress(progress, steps, int(r.state.step), r.name)
+    bar = _progress(progress, steps, int(r.state.step), r.name, position)
     tau = r.period.constant_tau
     block = tau * max(1, round(cfg["eval_every"] / tau)) if tau is not None else None
     real0 = r.real_time
 
     def hook(end: RoundEnd):
         return r.on_round(end, steps=steps, checkpoint_every=checkpoint_every, saver=saver, bar=bar,
-                          stop_at=stop_at, real0=real0, t_start=t_start)
+                          stop_at=stop_at, cancel=cancel, real0=real0, t_start=t_start)
 
     try:
         todo = steps - int(r.state.step)
@@ -334,12 +355,12 @@ def check_resume(cfg: Mapping, saved: Mapping) -> None:
         raise ValueError(f"cannot resume: the configuration differs from the checkpoint's ({shown})")
 
 
-def _progress(enabled: bool, total: int, initial: int, name: str):
+def _progress(enabled: bool, total: int, initial: int, name: str, position: int | None = None):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=name, unit="step", leave=False)
+    return tqdm(total=total, initial=initial, desc=name, unit="step", leave=False, position=position)
 
 
 def _summary(r: _Run) -> dict:

@@ -34,6 +34,7 @@ import os
 import pickle
 import sys
 import tempfile
+import threading
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -45,6 +46,7 @@ import numpy as np
 __all__ = ["clear", "fingerprint", "keep_in", "kept_in", "layout", "persisted", "program", "spec_key", "stable_name"]
 
 _CACHE: OrderedDict = OrderedDict()
+_LOCK = threading.RLock()
 _CAPACITY = 64
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, np.generic, np.dtype)
 _FOLDER: list[str | None] = [None]
@@ -118,13 +120,14 @@ def layout(tree) -> tuple:
 def program(key: Hashable, build: Callable[[], Callable]) -> Callable:
     """The compiled program for ``key`` (a spec key, the backend's layout and the round shape),
     built by ``build()`` the first time; the most recently used :data:`_CAPACITY` are kept."""
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    fn = _CACHE[key] = build()
-    while len(_CACHE) > _CAPACITY:
-        _CACHE.popitem(last=False)
-    return fn
+    with _LOCK:  # trainers may be built in several threads at once
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+        fn = _CACHE[key] = build()
+        while len(_CACHE) > _CAPACITY:
+            _CACHE.popitem(last=False)
+        return fn
 
 
 def clear() -> None:

@@ -16,7 +16,7 @@ import time
 
 from coopsgd.app.commands import COMMANDS, CommandError, add_metrics_option, renamed_option, warnings_printer
 
-__all__ = ["DEFAULT_OUT", "QUICK", "register", "run"]
+__all__ = ["DEFAULT_JOBS", "DEFAULT_OUT", "QUICK", "register", "run"]
 
 DEFAULT_OUT = "runs/compare"
 """Where ``coopsgd compare`` writes without ``--out``."""
@@ -24,6 +24,10 @@ DEFAULT_OUT = "runs/compare"
 QUICK = {"steps": 96, "eval_every": 16}
 """What ``--quick`` changes (about 30 s on 2 CPU cores the first time, 18 s with the compilation
 cache warm; the console script also compiles it for compile time, ``coopsgd.app.cli.QUICK_XLA_FLAG``)."""
+
+DEFAULT_JOBS = min(2, os.cpu_count() or 1)
+"""Algorithms ``compare`` trains at once without ``--jobs``: two (one's XLA compilation and run
+overlap the other's tracing, which holds Python's lock), one on a single core."""
 
 DEFAULT = {"steps": 800, "eval_every": 16, "tau": 8}
 """The default comparison's own settings (on top of ``experiment.DEFAULTS``)."""
@@ -64,6 +68,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, help=f"seed (default {d['seed']})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any configuration key (as in coopsgd train), repeatable (default: none)")
+    p.add_argument("--jobs", "-j", type=int, metavar="J",
+                   help=f"algorithms trained at once, in threads (default {DEFAULT_JOBS}: one compiles while "
+                   "another traces; 1 runs them one by one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown on a terminal)")
     add_metrics_option(p)
 
@@ -108,6 +115,44 @@ def _algorithms(args) -> list[str]:
     return names
 
 
+def _run_all(configs, jobs: int, run_one, report: bool) -> list:
+    """``run_one(cfg, cancel, line)`` for every configuration, ``jobs`` at a time in threads (JAX
+    compiles and runs without Python's lock, so one run's compilation overlaps another's tracing),
+    the results in the configurations' order. ``line`` is a free progress-bar line; when one run
+    fails or Ctrl-C comes, ``cancel`` stops the others at their next round end and the error is
+    raised."""
+    import queue
+    import threading
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    cancel, lines = threading.Event(), queue.SimpleQueue()
+    for line in range(jobs):
+        lines.put(line)
+
+    def one(cfg):
+        line = lines.get()
+        try:
+            result = run_one(cfg, cancel, line)
+        finally:
+            lines.put(line)
+        if report and not cancel.is_set():
+            s = result["summary"]
+            print(f"  {cfg['algorithm']:<24} loss {s['final_train_loss']:.4f}  ({s['real_time']:.1f} s)",
+                  file=sys.stderr, flush=True)
+        return result
+
+    with ThreadPoolExecutor(jobs, thread_name_prefix="coopsgd-compare") as pool:
+        futures = [pool.submit(one, cfg) for cfg in configs]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+            return [f.result() for f in futures]  # the first failure, if any, is raised here
+        except BaseException:  # a failed run or Ctrl-C: the others stop too, at their next round end
+            cancel.set()
+            for f in futures:
+                f.cancel()
+            raise
+
+
 def run(args) -> int:
     """Run ``coopsgd compare`` with the parsed ``args``; return the exit code."""
     from coopsgd.app import config, models, registry, results
@@ -116,11 +161,15 @@ def run(args) -> int:
 
     names = _algorithms(args)
     base = _base_config(args)
+    jobs = DEFAULT_JOBS if args.jobs is None else args.jobs
+    if jobs < 1:
+        raise CommandError(f"--jobs must be an integer >= 1, got {args.jobs}")
+    jobs = min(jobs, len(names))
     configs = [config.make_config(base, {"algorithm": a}) for a in names]
     dataset = data_mod.load(base["data"], base["test_fraction"], base["seed"])
     data_mod.split(dataset.y_train, base["workers"], base["split"], base["dirichlet_alpha"], base["seed"])
     model = models.make(base["model"], dataset.input_shape, max(dataset.num_classes, 2))
-    config.check_fits(base, model, dataset.x_train[0].nbytes)
+    config.check_fits(base, model, dataset.x_train[0].nbytes, runs=jobs)
     for cfg in configs:  # every name and range checked before anything is written
         registry.build(cfg)
     # The folder is locked for the whole run, its result files probed before training, and the
@@ -132,15 +181,10 @@ def run(args) -> int:
               f"{len(dataset.y_test)} test), m = {base['workers']} workers ({split}), {base['steps']} steps, "
               f"tau = {base['tau']}, topology {base['topology']}", flush=True)
         progress = not args.no_progress and sys.stderr.isatty()
-        runs = []
         t0 = time.perf_counter()
-        for cfg in configs:
-            runs.append(ex.run(cfg, dataset=dataset, progress=progress, metrics_dir=os.path.join(out, "metrics"),
-                               metrics=args.metrics, note=note))
-            if not progress:
-                s = runs[-1]["summary"]
-                print(f"  {cfg['algorithm']:<24} loss {s['final_train_loss']:.4f}  ({s['real_time']:.1f} s)",
-                      file=sys.stderr, flush=True)
+        runs = _run_all(configs, jobs, lambda cfg, cancel, line: ex.run(
+            cfg, dataset=dataset, progress=progress, metrics_dir=os.path.join(out, "metrics"), metrics=args.metrics,
+            note=note, cancel=cancel, position=line), report=not progress)
         title = f"{base['model']} on {dataset.name}, m = {base['workers']}, {split}"
         paths = results.write_results(runs, out, title=title)
         print()
