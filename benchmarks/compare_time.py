@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="rounds of the four modes (default 3)")
     p.add_argument("--command", action="append", default=None,
-                   help="a command to time, repeatable (default: coopsgd compare --quick)")
+                   help="a command to time, repeatable (default: coopsgd compare --quick; e.g. "
+                   "'coopsgd compare --quick --jobs 1' beside it)")
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"comma-separated modes to run (default all: {', '.join(MODES)}); a warm mode needs its cold one")
     args = p.parse_args(argv)
