@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
-import io
 import os
 import pickle
 import sys
