@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -318,16 +320,33 @@ class TestCompilationCache:
         assert not (tmp_path / "cache").exists()
 
     def test_quick_runs_compile_for_compile_time(self, monkeypatch):
+        level, emitters = "--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"
+        monkeypatch.setattr(cli, "_jaxlib_version", lambda: (0, 10))
         monkeypatch.delenv("XLA_FLAGS", raising=False)
         cli._compile_for_speed()
-        assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=0"
+        assert os.environ["XLA_FLAGS"].split() == [level, emitters]
         monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
         cli._compile_for_speed()  # added to the user's flags
-        assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
-                                                   "--xla_backend_optimization_level=0"]
-        monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2")
-        cli._compile_for_speed()  # a level the user chose is kept
-        assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=2"
+        assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", level, emitters]
+        monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2 --xla_cpu_use_fusion_emitters=true")
+        cli._compile_for_speed()  # what the user chose is kept
+        assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=2 --xla_cpu_use_fusion_emitters=true"
+        # XLA ends the process on a flag it does not know: a jaxlib past the checked ones gets the level only
+        monkeypatch.setattr(cli, "_jaxlib_version", lambda: (0, 11))
+        monkeypatch.delenv("XLA_FLAGS")
+        cli._compile_for_speed()
+        assert os.environ["XLA_FLAGS"] == level
+
+    def test_the_quick_flags_are_known_to_this_xla(self, tmp_path):
+        """A process given the flags starts and computes (an unknown flag would end it with a fatal
+        log line before any output)."""
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env["XLA_FLAGS"] = " ".join(f"--{k}={v}" for k, (v, below) in cli.QUICK_XLA_FLAGS.items()
+                                    if below is None or cli._jaxlib_version() < below)
+        done = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float((jnp.arange(4.0) * 2).sum()))"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-500:]
+        assert done.stdout.strip() == "12.0"
 
     def test_default_folder_follows_xdg(self, monkeypatch, tmp_path):
         for key in ("COOPSGD_CACHE_DIR", "COOPSGD_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR"):

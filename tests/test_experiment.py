@@ -122,6 +122,29 @@ class TestRuns:
         assert s["test_accuracy"] == pytest.approx(
             models.accuracy(res.model, first, digits.x_test, digits.y_test), abs=1e-6)  # < one example
 
+    @pytest.mark.parametrize("name", ["dpsgd", "choco_sgd"])
+    def test_a_run_repeated_in_one_process_compiles_nothing(self, digits, name):
+        """The model, loss, algorithm and optimizer are all built anew; the second run finds every
+        program the first compiled (CHOCO-SGD's compressor key included) and computes the same."""
+        seen = []
+
+        def listener(event, secs, **kw):
+            if event == "/jax/core/compile/backend_compile_duration":
+                seen.append(secs)
+
+        cfg = config.make_config(SMALL, {"algorithm": name, "compressor": "random_k:0.25"}
+                                 if name == "choco_sgd" else {"algorithm": name})
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            first = ex.run(cfg, dataset=digits, metrics="none")
+            compiled = len(seen)
+            second = ex.run(cfg, dataset=digits, metrics="none")
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+        assert compiled >= 1 and len(seen) == compiled
+        assert second["history"]["loss"] == first["history"]["loss"]
+        assert second.model is first.model  # one model per distinct make(...)
+
     def test_overlap_is_evaluated_at_the_preserved_combination(self, digits):
         # Overlap Local-SGD: the model the mixing preserves is (1 − α) x̄ + α z (math.md §6)
         alpha = 0.5

@@ -88,7 +88,7 @@ def choco_mixer(algorithm: Algorithm, devices: bool = False, *, gamma: float = 1
     """
     compressor = compressor or compression.identity()
     rounds = LinearRounds(algorithm, prune=devices)
-    base = jax.random.key(seed)
+    seed = int(seed)  # the key is made inside the round: a captured array would be a new program each time
     ratio: list[float] = []  # payload bytes per model byte, from the model at init
 
     def init(columns) -> MixerState:
@@ -114,6 +114,7 @@ def choco_mixer(algorithm: Algorithm, devices: bool = False, *, gamma: float = 1
         leaves, treedef = jax.tree.flatten(columns)
         hats, sums = jax.tree.leaves(state.per_worker["hat"]), jax.tree.leaves(state.per_worker["s"])
         step = jnp.asarray(0 if mix_round.step is None else mix_round.step)
+        base = jax.random.key(seed)
         worker_keys = jax.vmap(lambda w: jax.random.fold_in(jax.random.fold_in(base, step), w))(axis.ids())
         out = [gossip_leaf(x, hat, s, jax.vmap(partial(jax.random.fold_in, data=index))(worker_keys), mix_round, axis)
                for index, (x, hat, s) in enumerate(zip(leaves, hats, sums))]

@@ -8,6 +8,7 @@ A model here is a :class:`Model`: ``init(key)`` returns a parameter pytree and
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -106,7 +107,20 @@ def make(name: str, input_shape, num_classes: int, **options) -> Model:
         )
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    return Model(name, MODELS[name](num_classes=int(num_classes), **options), input_shape)
+    key = (name, input_shape, int(num_classes), tuple(sorted(options.items())))
+    try:
+        return _made(key)
+    except TypeError:  # an unhashable option (a list): a model of its own
+        return Model(name, MODELS[name](num_classes=int(num_classes), **options), input_shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _made(key) -> Model:
+    """One :class:`Model` per distinct ``make`` call: Flax modules are immutable, and trainers whose
+    loss closes over the same module share their compiled programs (a run repeated in one process
+    compiles nothing)."""
+    name, input_shape, num_classes, options = key
+    return Model(name, MODELS[name](num_classes=num_classes, **dict(options)), input_shape)
 
 
 def loss_fn(model: Model) -> Callable[[Any, dict], jax.Array]:
