@@ -378,17 +378,22 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(capsys, tmp_path, cfg):
                                   "--no-progress"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
-        while not (out / files.LOCK_NAME).exists() or not (out / files.LOCK_NAME).read_text():
+        records = out / "metrics" / "local_sgd.jsonl"
+        while not (records.exists() and records.stat().st_size):  # the live run holds the folder and trains
             assert first.poll() is None, first.stderr.read()
             assert time.time() < deadline
             time.sleep(0.05)
-        before = _snapshot(out)
+
+        def still(folder):  # everything but the live run's own records, which grow while it trains
+            return {k: v for k, v in _snapshot(folder).items() if not k.startswith("metrics" + os.sep)}
+
+        names, before = set(_snapshot(out)), still(out)
         for argv in (["train", "--config", cfg, "--set", "steps=4"],
                      ["compare", "--algorithms", "local_sgd", "--steps", "4", "--tau", "2"]):
             code, table, err = _run(capsys, *argv, "--out", out, "--no-progress")
             assert code == 2 and table == "" and err.count("\n") == 1
             assert f"output folder {str(out)!r} is in use by another run (pid {first.pid} " in err
-        assert _snapshot(out) == before
+        assert still(out) == before and set(_snapshot(out)) == names
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()

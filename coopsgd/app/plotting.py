@@ -7,7 +7,6 @@ A *history* is a mapping with equal-length lists ``"step"``, ``"time"`` (simulat
 
 from __future__ import annotations
 
-import os
 
 import matplotlib
 import networkx as nx
@@ -20,15 +19,7 @@ from matplotlib.ticker import FormatStrFormatter, FuncFormatter, NullFormatter
 from coopsgd.app.files import atomic_write
 from coopsgd.core import topology
 
-__all__ = ["RUN_FIGURES", "plot_curves", "plot_run_figures", "plot_topology", "topology_layout"]
-
-RUN_FIGURES = {
-    "loss_vs_step.png": ("step", "loss", "iteration", "training loss (worker average)"),
-    "loss_vs_time.png": ("time", "loss", "simulated wall-clock time (s)", "training loss (worker average)"),
-    "consensus.png": ("step", "consensus", "iteration", r"consensus distance $\frac{1}{m}\sum_i \|x_i - \bar{x}\|^2$"),
-}
-"""File name → (x key, y key, x label, y label) of the figures every results folder gets."""
-
+__all__ = ["plot_curves", "plot_topology", "topology_layout"]
 
 _STYLES = ("-", "--", "-.", ":")
 _MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h")
@@ -82,15 +73,6 @@ def plot_curves(histories: dict, x: str, y: str, path, *, xlabel: str | None = N
         ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
-
-
-def plot_run_figures(histories: dict, folder, title: str = "") -> list[str]:
-    """The three figures of a results folder (:data:`RUN_FIGURES`); returns their paths."""
-    out = []
-    for name, (x, y, xl, yl) in RUN_FIGURES.items():
-        out.append(plot_curves(histories, x, y, os.path.join(folder, name), xlabel=xl, ylabel=yl,
-                               title=title or None))
-    return out
 
 
 def topology_layout(graph: nx.Graph, name: str = "", shape: tuple[int, int] | None = None) -> dict:

@@ -31,11 +31,18 @@ SET_BYTES = 256 * 1024
 takes (three PNG figures of some 40 kB each, the tables)."""
 
 
+FIGURES = {
+    "loss_vs_step.png": ("step", "loss", "iteration", "training loss (worker average)"),
+    "loss_vs_time.png": ("time", "loss", "simulated wall-clock time (s)", "training loss (worker average)"),
+    "consensus.png": ("step", "consensus", "iteration", r"consensus distance $\frac{1}{m}\sum_i \|x_i - \bar{x}\|^2$"),
+}
+"""File name → (x key, y key, x label, y label) of the figures every result set has (drawn by
+:func:`coopsgd.app.plotting.plot_curves`)."""
+
+
 def result_files() -> tuple[str, ...]:
     """The names of a result set: ``results.json``, ``results.csv``, ``history.csv`` and the figures."""
-    from coopsgd.app import plotting
-
-    return ("results.json", "results.csv", "history.csv", *plotting.RUN_FIGURES)
+    return ("results.json", "results.csv", "history.csv", *FIGURES)
 
 
 def prepare_out(path) -> str:
@@ -121,7 +128,7 @@ def write_results(results: list, out: str, title: str = "") -> list[str]:
                "results.csv": _text(summary.getvalue()),
                "history.csv": _text(history.getvalue())}
     histories = {r["name"]: r["history"] for r in results}
-    for name, (x, y, xl, yl) in plotting.RUN_FIGURES.items():
+    for name, (x, y, xl, yl) in FIGURES.items():
         writers[name] = functools.partial(plotting.plot_curves, histories, x, y, xlabel=xl, ylabel=yl,
                                           title=title or None)
     created = files.make_folder(out)
