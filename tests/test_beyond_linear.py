@@ -143,6 +143,23 @@ def test_choco_sgd_is_algorithm_1(graph):
     assert metrics.communicated.all()
 
 
+def test_choco_top_k_selects_with_xlas_top_k_kernel():
+    """The neighbour shifts of the payload stay outside top-k: folded into its sort, they stop
+    XLA:CPU from selecting with its TopK kernel, and it sorts every row whole instead."""
+    m = 8
+    algo = coopsgd.choco_sgd(nx.cycle_graph(m), 0.5, compression.top_k(0.01))
+    mixer = algo.mixer(algo, False)
+    columns = {"w": jnp.ones((m, 2048)), "b": jnp.ones((m, 320))}
+    state, round0 = mixer.init(columns), mixer.plan(0)
+
+    def mix(cols, st, args):
+        return mixer.apply(cols, st, coopsgd.MixRound(round0.static, args, jnp.asarray(True), jnp.asarray(1)),
+                           coopsgd.WorkerAxis(m))
+
+    compiled = jax.jit(mix).lower(columns, state, round0.args).compile().as_text()
+    assert compiled.count('custom_call_target="TopK"') == 2 and " sort(" not in compiled
+
+
 def test_choco_with_identity_and_gamma_one_is_dpsgd():
     graph, steps = nx.petersen_graph(), 6
     batches = make_batches(steps, 10, seed=8)
