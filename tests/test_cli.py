@@ -177,17 +177,26 @@ class TestJobs:
         import subprocess
         import sys
 
-        # SIGINT (Ctrl-C) as soon as the first run is past its first round, from a worker thread.
+        # SIGINT (Ctrl-C) at every round end, from the worker threads: the first stops the runs,
+        # the later ones come while they stop. No run may still be going when main returns (one
+        # left inside XLA aborted the process as it exited).
         script = (
             "import os, signal, sys, threading\n"
             "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "from coopsgd.app import cli, experiment\n"
-            "real = experiment._Run.on_round\n"
+            "real, real_run, going = experiment._Run.on_round, experiment.run, []\n"
             "def on_round(self, *a, **k):\n"
             "    os.kill(os.getpid(), signal.SIGINT)\n"
             "    return real(self, *a, **k)\n"
-            "experiment._Run.on_round = on_round\n"
-            f"sys.exit(cli.main({list(self.ARGS) + ['--jobs', '2', '--out', str(tmp_path / 'c')]!r}))\n")
+            "def run(*a, **k):\n"
+            "    going.append(1)\n"
+            "    try:\n"
+            "        return real_run(*a, **k)\n"
+            "    finally:\n"
+            "        going.pop()\n"
+            "experiment._Run.on_round, experiment.run = on_round, run\n"
+            f"code = cli.main({list(self.ARGS) + ['--jobs', '2', '--out', str(tmp_path / 'c')]!r})\n"
+            "sys.exit(code if not going else 99)\n")
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
         assert done.returncode == 130 and done.stderr == "coopsgd: interrupted\n", done.stderr
         assert not (tmp_path / "c" / "results.json").exists()

@@ -22,8 +22,8 @@ DEFAULT_OUT = "runs/compare"
 """Where ``coopsgd compare`` writes without ``--out``."""
 
 QUICK = {"steps": 96, "eval_every": 16}
-"""What ``--quick`` changes (about 30 s on 2 CPU cores the first time, 11 s with the caches warm;
-the console script also compiles it for compile time, ``coopsgd.app.cli.QUICK_XLA_FLAG``)."""
+"""What ``--quick`` changes (about 20 s on 2 CPU cores the first time, 10 s with the caches warm;
+the console script also compiles it for compile time, ``coopsgd.app.cli.QUICK_XLA_FLAGS``)."""
 
 DEFAULT_JOBS = min(2, os.cpu_count() or 1)
 """Algorithms ``compare`` trains at once without ``--jobs``: two (one's XLA compilation and run
@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--algorithms", "-a", metavar="A,B,C",
                    help="comma-separated subset (default: all available)")
     p.add_argument("--quick", action="store_true",
-                   help=f"a short run ({QUICK['steps']} steps, about 30 s the first time and 11 s after; "
+                   help=f"a short run ({QUICK['steps']} steps, about 20 s the first time and 10 s after; "
                    f"default: {DEFAULT['steps']} steps)")
     p.add_argument("--out", "-o", metavar="DIR", help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--data", metavar="NPZ", help="your own .npz with arrays x and y (default: bundled digits)")
@@ -150,6 +150,12 @@ def _run_all(configs, jobs: int, run_one, report: bool) -> list:
             cancel.set()
             for f in futures:
                 f.cancel()
+            while True:  # waited for through more Ctrl-Cs: a run left going inside XLA aborts the exit
+                try:
+                    wait(futures)
+                    break
+                except KeyboardInterrupt:
+                    continue
             raise
 
 
