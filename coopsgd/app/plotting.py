@@ -7,7 +7,6 @@ A *history* is a mapping with equal-length lists ``"step"``, ``"time"`` (simulat
 
 from __future__ import annotations
 
-
 import matplotlib
 import networkx as nx
 import numpy as np
