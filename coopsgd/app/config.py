@@ -452,4 +452,3 @@ def program_key(cfg: Mapping) -> str:
         except OSError:
             pass
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=repr).encode()).hexdigest()
-

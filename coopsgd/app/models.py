@@ -111,7 +111,7 @@ def make(name: str, input_shape, num_classes: int, **options) -> Model:
     try:
         return _made(key)
     except TypeError:  # an unhashable option (a list): a model of its own
-        return Model(name, MODELS[name](num_classes=int(num_classes), **options), input_shape)
+        return _made.__wrapped__(key)
 
 
 @functools.lru_cache(maxsize=16)

@@ -131,7 +131,8 @@ def program(key: Hashable, build: Callable[[], Callable]) -> Callable:
 
 def clear() -> None:
     """Forget every shared program (each trainer keeps the ones it has used)."""
-    _CACHE.clear()
+    with _LOCK:
+        _CACHE.clear()
 
 
 def keep_in(folder: str | os.PathLike | None) -> None:
