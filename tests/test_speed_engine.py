@@ -92,6 +92,51 @@ def test_fingerprint_is_by_value():
     assert f(lambda x: x + a) != f(lambda x: x + b)
 
 
+SCALE = 1.0
+
+
+def _scaled_loss(params, batch):  # reads the global SCALE at trace time
+    return SCALE * loss_fn(params, batch)
+
+
+def test_a_loss_whose_global_was_rebound_is_another_program(monkeypatch):
+    batches = make_batches(4, 4, seed=2)
+
+    def train():
+        t = coopsgd.CooperativeSGD(coopsgd.local_sgd(4, 2), optax.sgd(LR), _scaled_loss)
+        return np.asarray(t.run(t.init(INIT), batches, 4)[0].params["w"])
+
+    trained = train()
+    assert not np.allclose(trained, INIT["w"])
+    monkeypatch.setitem(globals(), "SCALE", 0.0)  # a zero loss: no gradient, nothing moves
+    np.testing.assert_array_equal(train(), np.broadcast_to(INIT["w"], trained.shape))
+
+
+def test_identical_trainers_check_their_loss_once():
+    traces = []
+
+    def counted(params, batch):
+        traces.append(1)
+        return loss_fn(params, batch)
+
+    batches = make_batches(4, 4, seed=4)
+    for expected in (2, 0):  # the check and the round's trace; then neither: both passed before
+        t = coopsgd.CooperativeSGD(coopsgd.local_sgd(4, 2), optax.sgd(LR), counted)
+        traces.clear()
+        t.run(t.init(INIT), batches, 4)
+        assert len(traces) == expected
+
+
+def test_a_failed_check_is_made_again():
+    def vector_loss(params, batch):
+        return batch["x"] @ params["w"] + params["b"]  # one value per example, not a scalar
+
+    for _ in range(2):
+        t = coopsgd.CooperativeSGD(coopsgd.local_sgd(4, 2), optax.sgd(LR), vector_loss)
+        with pytest.raises(ValueError, match="scalar loss"):
+            t.run(t.init(INIT), make_batches(2, 4), 2)
+
+
 def _fresh_loss(params, batch):  # a loss no other test uses: its programs are compiled here first
     pred = batch["x"] @ params["w"] + params["b"]
     return jnp.mean(jnp.abs(pred - batch["y"]) ** 2)

@@ -14,7 +14,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.special import expit
 
 from coopsgd.analysis.problems import (
     LogisticRegression,
@@ -181,6 +180,8 @@ class NonIIDLogistic(LogisticRegression):
 
     def worker_grad_np(self, x) -> np.ndarray:
         """``(m, d)``: every ``∇f_i(x)`` in float64 (NumPy)."""
+        from scipy.special import expit  # a tenth of a second to import: only when asked for
+
         x = np.asarray(x, dtype=np.float64)
         a, y = self.worker_features, self.worker_targets
         s = -y * expit(-y * (a @ x))  # (m, N): d/dz softplus(−y z)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coopsgd.core.validate import require_real_dtype
+from coopsgd.parallel import programs
 
 __all__ = ["BatchSource", "check_batch", "check_leading", "check_loss", "check_params", "check_state", "pad_steps"]
 
@@ -93,15 +94,18 @@ def check_loss(loss_fn, params_spec, single_batch, *, has_aux: bool, with_rng: b
         )
 
 
-def check_batch(loss_fn, batches, params_spec, *, has_aux: bool, with_rng: bool, seen: set,
-                state_spec=None) -> None:
+def check_batch(loss_fn, batches, params_spec, *, has_aux: bool, with_rng: bool, state_spec=None) -> None:
     """The loss on one worker's slice of ``batches`` (leaves (steps, m, …)) traces to a real
-    floating scalar: checked once per batch signature (``seen`` holds the signatures checked)."""
-    leaves, treedef = jax.tree.flatten(batches)
-    sig = (treedef, tuple((tuple(x.shape)[2:], x.dtype) for x in leaves))
-    if sig in seen:
-        return
+    floating scalar: checked once per process for a loss, batch slice, params and model state
+    (:func:`~coopsgd.parallel.programs.check_once`)."""
     single = jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape)[2:], x.dtype), batches)
+    key = ("loss", programs.fingerprint(loss_fn), programs.avals((single, params_spec, state_spec)), has_aux,
+           with_rng)
+    programs.check_once(key, lambda: _check_slice(loss_fn, single, params_spec, has_aux=has_aux,
+                                                  with_rng=with_rng, state_spec=state_spec))
+
+
+def _check_slice(loss_fn, single, params_spec, *, has_aux: bool, with_rng: bool, state_spec) -> None:
     dtypes = []
 
     def recording(*args):  # the same trace, noting the loss's dtype for the check below
@@ -117,7 +121,6 @@ def check_batch(loss_fn, batches, params_spec, *, has_aux: bool, with_rng: bool,
     if dtypes:  # jax.grad needs a real floating loss
         require_real_dtype("loss_fn's output", dtypes[0], what="a real floating scalar (jax.grad needs one)",
                            fix="return a float loss (e.g. jnp.mean over float arrays; jnp.abs of a complex value)")
-    seen.add(sig)
 
 
 def pad_steps(batches, steps: int):

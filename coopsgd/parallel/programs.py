@@ -5,13 +5,17 @@ mixer's ``apply`` and ``direction``, the optimizer-state policy, m and the flags
 layout, and on the round shape (rounds per call, steps per round, whether it mixes, the mixing's
 static structure). :func:`program` keys a process-wide cache on exactly that, so a second trainer
 built the same way (say, for another seed, or by another ``compare`` entry) reuses the first one's
-compiled code instead of compiling again.
+compiled code instead of compiling again. The checks made before a first round (of the loss on
+one worker's batch, of the mixer's output) are likewise made once per configuration
+(:func:`check_once`).
 
 "The same way" is decided by value, not identity, for the functions involved: two closures are
-the same configuration when their code, globals and captured values are (:func:`fingerprint`), so
-``optax.sgd(0.1)`` built twice matches and ``optax.sgd(0.2)`` does not. Captured values that are
-neither plain numbers, strings, tuples, functions nor ``functools.partial`` objects (arrays, lists,
-dicts, modules' objects) count by identity, which is never wrong, only less often shared.
+the same configuration when their code, captured values and the values of the globals they read
+are (:func:`fingerprint`), so ``optax.sgd(0.1)`` built twice matches, ``optax.sgd(0.2)`` does not,
+and neither does a loss whose global ``SCALE`` was rebound since. Values that are neither plain
+numbers, strings, tuples, functions nor ``functools.partial`` objects (arrays, lists, dicts,
+modules, modules' objects) count by identity: less often shared, and blind only to a change made
+inside such an object (an array written in place), as ``jax.jit``'s own cache is.
 
 Across processes, :func:`keep_in` names a folder where programs are kept as StableHLO
 (:func:`persisted`, :mod:`jax.export`): a later process loads one instead of tracing and lowering
@@ -42,9 +46,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-__all__ = ["clear", "fingerprint", "keep_in", "kept_in", "layout", "persisted", "program", "spec_key", "stable_name"]
+__all__ = ["avals", "check_once", "clear", "fingerprint", "keep_in", "kept_in", "layout", "persisted", "program",
+           "spec_key", "stable_name"]
 
 _CACHE: OrderedDict = OrderedDict()
+_PASSED: OrderedDict = OrderedDict()
 _LOCK = threading.RLock()
 _CAPACITY = 64
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, np.generic, np.dtype)
@@ -73,14 +79,27 @@ class _Same:
         return isinstance(other, _Same) and other.obj is self.obj
 
 
-def fingerprint(obj, depth: int = 0) -> Hashable:
+def _global_names(code: types.CodeType) -> set:
+    """The names ``code`` (and the functions, lambdas and comprehensions inside it) may read as
+    globals (attribute names too: a superset, which only shares less)."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def fingerprint(obj, depth: int = 0, _seen: dict | None = None) -> Hashable:
     """A hashable stand-in for ``obj``, equal for objects that compute the same thing: numbers,
     strings and dtypes by value; tuples (NamedTuples: with their type) element by element;
-    functions by code, globals, defaults and captured values; ``functools.partial`` and bound
-    methods by their parts; anything else (and anything nested deeper than 12) by identity."""
+    functions by code, defaults, captured values and the current values of the globals their
+    code reads (so a loss that reads a global ``SCALE`` is another one once ``SCALE`` is
+    rebound); ``functools.partial`` and bound methods by their parts; anything else (modules,
+    arrays, mutable containers, and anything nested deeper than 12) by identity."""
     if depth > 12:
         return _Same(obj)
-    deeper = functools.partial(fingerprint, depth=depth + 1)
+    seen = {} if _seen is None else _seen
+    deeper = functools.partial(fingerprint, depth=depth + 1, _seen=seen)
     if isinstance(obj, _PLAIN):
         return type(obj), obj
     if type(obj) is tuple or (isinstance(obj, tuple) and hasattr(obj, "_fields")):
@@ -90,14 +109,20 @@ def fingerprint(obj, depth: int = 0) -> Hashable:
     if isinstance(obj, types.MethodType):
         return types.MethodType, deeper(obj.__func__), deeper(obj.__self__)
     if isinstance(obj, types.FunctionType):
+        if id(obj) in seen:  # met again (shared, or a function that reaches itself): computed once
+            return seen[id(obj)]
+        seen[id(obj)] = _Same(obj)  # what a cycle back to this function sees
         cells = []
         for cell in obj.__closure__ or ():
             try:
                 cells.append(deeper(cell.cell_contents))
             except ValueError:  # an empty cell
                 cells.append(None)
-        return (types.FunctionType, obj.__code__, _Same(obj.__globals__), deeper(obj.__defaults__),
-                deeper(tuple(sorted((obj.__kwdefaults__ or {}).items()))), tuple(cells))
+        read = tuple((name, deeper(obj.__globals__[name]))
+                     for name in sorted(_global_names(obj.__code__)) if name in obj.__globals__)
+        seen[id(obj)] = (types.FunctionType, obj.__code__, deeper(obj.__defaults__),
+                         deeper(tuple(sorted((obj.__kwdefaults__ or {}).items()))), tuple(cells), read)
+        return seen[id(obj)]
     return _Same(obj)
 
 
@@ -129,10 +154,33 @@ def program(key: Hashable, build: Callable[[], Callable]) -> Callable:
         return fn
 
 
+def avals(tree) -> tuple:
+    """A hashable signature of ``tree``: its structure and its leaves' shapes and dtypes."""
+    leaves, structure = jax.tree.flatten(tree)
+    return structure, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+
+def check_once(key: Hashable, check: Callable[[], None]) -> None:
+    """``check()``, which raises when what it checks is wrong, unless a check under ``key`` (a
+    :func:`fingerprint` of everything it looks at) passed before in this process: trainers of the
+    same configuration trace the loss and the mixer for their checks once, not once each. A
+    failure is not remembered; the most recent :data:`_CAPACITY` × 4 passes are."""
+    with _LOCK:
+        if key in _PASSED:
+            _PASSED.move_to_end(key)
+            return
+    check()
+    with _LOCK:
+        _PASSED[key] = None
+        while len(_PASSED) > 4 * _CAPACITY:
+            _PASSED.popitem(last=False)
+
+
 def clear() -> None:
-    """Forget every shared program (each trainer keeps the ones it has used)."""
+    """Forget every shared program (each trainer keeps the ones it has used) and every check passed."""
     with _LOCK:
         _CACHE.clear()
+        _PASSED.clear()
 
 
 def keep_in(folder: str | os.PathLike | None) -> None:

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from coopsgd.core.communication import Communication
+from coopsgd.parallel import programs
 from coopsgd.parallel.collectives import WorkerAxis
 
 __all__ = [
@@ -241,7 +242,12 @@ def check_mixer(mixer: Mixer, columns, state: MixerState, round0: MixRound, m: i
         raise MixerError(f"mixer {mixer.name!r}: init must return a MixerState, got {type(state).__name__}")
     spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), (columns, state))
     args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), round0.args)
+    key = ("mixer", programs.fingerprint((mixer.apply, mixer.direction)), programs.avals((spec, args)),
+           round0.static, bool(round0.moves), m)
+    programs.check_once(key, lambda: _check_traced(mixer, spec, args, round0, m))
 
+
+def _check_traced(mixer: Mixer, spec, args, round0: MixRound, m: int) -> None:
     def one(cols, st, a):
         return mixer.apply(cols, st, MixRound(round0.static, a, jnp.asarray(bool(round0.moves)),
                                               jnp.asarray(1, jnp.int32)), WorkerAxis(m))

@@ -310,7 +310,7 @@ class CooperativeSGD:
             lead = self.backend.layout_axes
             one = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[lead:], x.dtype), tree)
             check_batch(self.loss_fn, batches, one(state.params), has_aux=self.has_aux, with_rng=self.with_rng,
-                        seen=self._checked_batches, state_spec=one(state.model_state) if self.has_state else None)
+                        state_spec=one(state.model_state) if self.has_state else None)
             self._checked_batches.add(signature)
         if mixes:
             mix_rounds = [self.mixer.plan(r0 + i) for i in range(rounds)]
