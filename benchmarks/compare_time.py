@@ -33,7 +33,8 @@ import sys
 import tempfile
 import time
 
-OPTIMIZED = "--xla_backend_optimization_level=3 --xla_cpu_use_fusion_emitters=true"
+OPTIMIZED = ("--xla_backend_optimization_level=3 --xla_cpu_use_fusion_emitters=true "
+             "--xla_cpu_parallel_codegen_split_count=32")
 """XLA:CPU's defaults, spelled out so that the command adds none of its ``--quick`` flags."""
 
 MODES = {"cold": (True, None), "warm": (False, None),

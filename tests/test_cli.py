@@ -330,16 +330,18 @@ class TestCompilationCache:
 
     def test_quick_runs_compile_for_compile_time(self, monkeypatch):
         level, emitters = "--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"
+        split = "--xla_cpu_parallel_codegen_split_count=1"
         monkeypatch.setattr(cli, "_jaxlib_version", lambda: (0, 10))
         monkeypatch.delenv("XLA_FLAGS", raising=False)
         cli._compile_for_speed()
-        assert os.environ["XLA_FLAGS"].split() == [level, emitters]
+        assert os.environ["XLA_FLAGS"].split() == [level, emitters, split]
         monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
         cli._compile_for_speed()  # added to the user's flags
-        assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", level, emitters]
-        monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2 --xla_cpu_use_fusion_emitters=true")
+        assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", level, emitters, split]
+        chosen = "--xla_backend_optimization_level=2 --xla_cpu_use_fusion_emitters=true"
+        monkeypatch.setenv("XLA_FLAGS", chosen)
         cli._compile_for_speed()  # what the user chose is kept
-        assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=2 --xla_cpu_use_fusion_emitters=true"
+        assert os.environ["XLA_FLAGS"] == f"{chosen} {split}"
         # XLA ends the process on a flag it does not know: a jaxlib past the checked ones gets the level only
         monkeypatch.setattr(cli, "_jaxlib_version", lambda: (0, 11))
         monkeypatch.delenv("XLA_FLAGS")

@@ -169,6 +169,7 @@ def _enable_compilation_cache() -> None:
 QUICK_XLA_FLAGS = {
     "xla_backend_optimization_level": ("0", None),  # LLVM's lowest optimisation level
     "xla_cpu_use_fusion_emitters": ("false", (0, 11)),  # XLA:CPU's elemental kernels, not its MLIR ones
+    "xla_cpu_parallel_codegen_split_count": ("1", (0, 11)),  # one LLVM module per program, not split for threads
 }
 """What a ``--quick`` run adds to ``XLA_FLAGS``: flag → (value, the jaxlib (major, minor) it is added
 below). XLA ends the process on a flag it does not know, so a flag newer than XLA's oldest goes only
