@@ -22,7 +22,7 @@ DEFAULT_OUT = "runs/compare"
 """Where ``coopsgd compare`` writes without ``--out``."""
 
 QUICK = {"steps": 96, "eval_every": 16}
-"""What ``--quick`` changes (about 20 s on 2 CPU cores the first time, 10 s with the caches warm;
+"""What ``--quick`` changes (about 19 s on 2 CPU cores the first time, 9 s with the caches warm;
 the console script also compiles it for compile time, ``coopsgd.app.cli.QUICK_XLA_FLAGS``)."""
 
 DEFAULT_JOBS = min(2, os.cpu_count() or 1)
@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--algorithms", "-a", metavar="A,B,C",
                    help="comma-separated subset (default: all available)")
     p.add_argument("--quick", action="store_true",
-                   help=f"a short run ({QUICK['steps']} steps, about 20 s the first time and 10 s after; "
+                   help=f"a short run ({QUICK['steps']} steps, about 19 s the first time and 9 s after; "
                    f"default: {DEFAULT['steps']} steps)")
     p.add_argument("--out", "-o", metavar="DIR", help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--data", metavar="NPZ", help="your own .npz with arrays x and y (default: bundled digits)")
