@@ -128,6 +128,23 @@ def test_mixer_that_changes_shapes_is_refused_naming_it():
         trainer.init(INIT)
 
 
+def test_a_mixer_is_checked_once_per_configuration():
+    traced = []
+
+    def averages(columns, state, mix_round, axis):  # a correct mixer: every worker gets the mean
+        traced.append(1)
+        return jax.tree.map(lambda x: jnp.broadcast_to(axis.mean(x), x.shape), columns), state
+
+    for expected in (1, 0):  # init traces the mixer for its check once; an identical trainer does not
+        trainer = coopsgd.CooperativeSGD(coopsgd.local_sgd(4, 2), optax.sgd(LR), loss_fn, mixer=_broken(4, averages))
+        traced.clear()
+        trainer.init(INIT)
+        assert len(traced) == expected
+    other = coopsgd.CooperativeSGD(coopsgd.local_sgd(8, 2), optax.sgd(LR), loss_fn, mixer=_broken(8, averages))
+    other.init(INIT)  # another m: checked again
+    assert len(traced) == 1
+
+
 @pytest.mark.parametrize("track", [True, False])
 def test_nonfinite_mixer_output_names_the_mixer(track):
     def poisons(columns, state, mix_round, axis):

@@ -25,7 +25,7 @@ _MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h")
 
 
 def _save(fig: Figure, path) -> str:
-    fig.set_layout_engine(None)  # tight_layout leaves a placeholder engine, which savefig draws for first
+    fig.set_layout_engine(None)  # tight_layout leaves a placeholder engine: savefig would draw twice
     FigureCanvasAgg(fig)
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
