@@ -16,6 +16,10 @@ machine whose load changes during the run slows both alike; figures are medians 
    Targets: t(1024)/t(256) ≤ 5 (linear in m) and mixing ≤ 1.5 × the update pass.
 3. ``fused``: per-step time of ``run`` (τ = 8, rounds fused with ``lax.scan``) against ``step``
    called from Python once per step.
+4. ``planning``: the host's work for each round of a random schedule (MATCHA on a ring of 8 and
+   on a random 4-regular graph of 64: drawing W, its coefficients for the compiled round, and its
+   traffic), in ms per round; ``--only planning`` with ``PYTHONPATH`` set to another checkout
+   measures that one, for a before-and-after.
 """
 
 from __future__ import annotations
@@ -223,10 +227,28 @@ def fused(quick: bool) -> dict:
             "step_over_run": t["step"] / t["run"]}
 
 
+def planning(quick: bool) -> dict:
+    from coopsgd.parallel.linear import LinearRounds
+
+    rounds_per_graph = 100 if quick else 400
+    out = {}
+    for name, graph in (("ring_8", nx.cycle_graph(8)), ("regular4_64", nx.random_regular_graph(4, 64, seed=1))):
+        times = []
+        for repeat in range(3 if quick else 7):
+            rounds = LinearRounds(coopsgd.matcha(graph, budget=0.5, seed=repeat), prune=False)
+            t0 = time.perf_counter()
+            for r in range(rounds_per_graph):
+                rounds.round(r)
+                rounds.traffic(r, 4.0e4)
+            times.append((time.perf_counter() - t0) / rounds_per_graph)
+        out[name] = {"ms_per_round": 1e3 * statistics.median(times), "rounds": rounds_per_graph}
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", choices=["overhead", "mixing", "fused"], default=None)
+    parser.add_argument("--only", choices=["overhead", "mixing", "fused", "planning"], default=None)
     args = parser.parse_args(argv)
     report = {"environment": {
         "jax": jax.__version__, "backend": jax.default_backend(),
@@ -234,7 +256,7 @@ def main(argv=None) -> dict:
         "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "quick": args.quick}}
-    for name, fn in (("overhead", overhead), ("mixing", mixing_cost), ("fused", fused)):
+    for name, fn in (("overhead", overhead), ("mixing", mixing_cost), ("fused", fused), ("planning", planning)):
         if args.only in (None, name):
             report[name] = fn(args.quick)
     if hasattr(os, "getloadavg"):

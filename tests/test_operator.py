@@ -179,3 +179,29 @@ def test_cycle_contraction_in_closed_form():
     # E|λ_k|² over the pair at k = 1: (λ² + ((1 + λ)/2)²)/2 with λ = 1/3 + (2/3) cos(2π/m)
     lam = 1 / 3 + 2 / 3 * math.cos(2 * math.pi / M)
     assert algo.zeta == pytest.approx(math.sqrt((lam**2 + ((1 + lam) / 2) ** 2) / 2), abs=1e-12)
+
+
+def test_a_sparse_w_given_with_duplicates_and_stored_zeros_is_read_as_its_sum():
+    """Duplicate COO entries add up and stored zeros are no arcs, in the off-diagonal and in the
+    coefficients a neighbour plan reads (both found without SciPy's indexing)."""
+    rng = np.random.default_rng(3)
+    n = 9
+    rows, cols = rng.integers(0, n, 40), rng.integers(0, n, 40)
+    vals = rng.uniform(0.01, 0.1, 40)
+    vals[:5] = 0.0  # stored zeros
+    raw = sp.coo_array((vals, (rows, cols)), shape=(n, n))  # duplicates summed only when converted
+    dense = np.zeros((n, n))
+    np.add.at(dense, (rows, cols), vals)
+    off_np = dense - np.diag(np.diag(dense))
+    w = as_operator(sp.csr_array(raw) + sp.diags_array(1.0 - dense.sum(0)))
+    off = w.worker_offdiagonal()
+    np.testing.assert_allclose(off.toarray(), off_np, atol=1e-15)
+    assert off.nnz == np.count_nonzero(off_np) and off.has_canonical_format
+    plan = plans.plan_for_matrix(w, n)
+    assert plan.kind == "neighbour"
+    slots = plans.coefficients(plan, w)["slots"]
+    full = dense + np.diag(1.0 - dense.sum(0))
+    for s in range(len(plan.shifts)):
+        src = plan.source_array(s)
+        expect = np.where(src != np.arange(n), full[src, np.arange(n)], 0.0)
+        np.testing.assert_allclose(slots[s], expect, atol=1e-15)

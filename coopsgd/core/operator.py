@@ -164,11 +164,12 @@ class MixingMatrix:
         if self.form == "mean":
             raise ValueError("the off-diagonal of a mean-form worker block is c·11ᵀ, not sparse")
         if "_offdiag" not in self.__dict__:
-            off = sp.csr_array(self._ww, dtype=np.float64)
-            off = off - sp.diags_array(off.diagonal(), format="csr")
-            off.eliminate_zeros()
-            off.sort_indices()
-            self.__dict__["_offdiag"] = off
+            ww = sp.csr_array(self._ww, dtype=np.float64)
+            ww.sum_duplicates()  # canonical: sorted columns, one entry each
+            rows = np.repeat(np.arange(ww.shape[0]), np.diff(ww.indptr))
+            keep = (rows != ww.indices) & (ww.data != 0)  # masked in place: no SciPy arithmetic
+            indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=ww.shape[0]))])
+            self.__dict__["_offdiag"] = sp.csr_array((ww.data[keep], ww.indices[keep], indptr), shape=ww.shape)
         return self.__dict__["_offdiag"]
 
     def worker_block(self):
