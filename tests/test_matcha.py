@@ -274,3 +274,23 @@ def test_budget_projection_solves_its_kkt_conditions(q, total, expected):
     from coopsgd.algorithms.matcha import _project_budget
 
     np.testing.assert_allclose(_project_budget(np.array(q), total), expected, atol=1e-12)
+
+
+def test_the_probabilities_are_solved_once_per_graph_and_budget(monkeypatch):
+    from coopsgd.algorithms import matcha as matcha_module
+
+    solved = []
+    real = matcha_module._ascent
+    monkeypatch.setattr(matcha_module, "_ascent", lambda *a: solved.append(1) or real(*a))
+    graph = nx.random_regular_graph(3, 10, seed=7)  # a graph no other test solves for
+    first = np.array(coopsgd.matcha(graph, budget=0.3).mixing.probabilities)
+    again = coopsgd.matcha(graph, budget=0.3).mixing.probabilities
+    other = coopsgd.matcha(graph, budget=0.6).mixing.probabilities
+    assert len(solved) == 2  # the second build reused the first solve; another budget solved anew
+    np.testing.assert_array_equal(again, first)
+    assert other.sum() > again.sum()  # a larger budget activates more
+    lap = coopsgd.matcha(graph, budget=0.3).mixing.laplacians
+    mine = activation_probabilities(lap, 0.3)
+    mine[:] = -1.0  # the caller's own copy: the next call must not see it
+    np.testing.assert_array_equal(activation_probabilities(lap, 0.3), first)
+    assert len(solved) == 2
