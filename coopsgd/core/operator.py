@@ -159,15 +159,15 @@ class MixingMatrix:
         return np.concatenate([self.worker_diagonal(), np.diag(self.aa)])
 
     def worker_offdiagonal(self) -> sp.csr_array:
-        """The off-diagonal of a sparse or dense ``W_ww`` as CSR (not for the ``"mean"`` form,
-        whose off-diagonal is full)."""
+        """The off-diagonal of a sparse or dense ``W_ww`` as canonical CSR (a ``"mean"`` one is full)."""
         if self.form == "mean":
             raise ValueError("the off-diagonal of a mean-form worker block is c·11ᵀ, not sparse")
         if "_offdiag" not in self.__dict__:
             ww = sp.csr_array(self._ww, dtype=np.float64)
-            ww.sum_duplicates()  # canonical: sorted columns, one entry each
+            ww = ww if ww.has_canonical_format else ww.copy()  # W is read-only: made canonical on a copy
+            ww.sum_duplicates()  # sorted columns, one entry each
             rows = np.repeat(np.arange(ww.shape[0]), np.diff(ww.indptr))
-            keep = (rows != ww.indices) & (ww.data != 0)  # masked in place: no SciPy arithmetic
+            keep = (rows != ww.indices) & (ww.data != 0)  # the diagonal and stored zeros: no SciPy arithmetic
             indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=ww.shape[0]))])
             self.__dict__["_offdiag"] = sp.csr_array((ww.data[keep], ww.indices[keep], indptr), shape=ww.shape)
         return self.__dict__["_offdiag"]
