@@ -118,12 +118,16 @@ class MixPlan(NamedTuple):
 # ----------------------------------------------------------------------------------- planning
 
 
+def _entry_rows(csr: sp.csr_array) -> np.ndarray:
+    """The row of every stored entry of ``csr``, in storage order (int64)."""
+    return np.repeat(np.arange(csr.shape[0], dtype=np.int64), np.diff(csr.indptr))
+
+
 def _arcs(off: sp.csr_array) -> tuple[np.ndarray, np.ndarray]:
     """Sources i and destinations j of the arcs ``W[i, j] ≠ 0`` (i ≠ j)."""
     csr = off if isinstance(off, sp.csr_array) else sp.csr_array(off)
-    rows = np.repeat(np.arange(csr.shape[0], dtype=np.int64), np.diff(csr.indptr))
     keep = np.abs(csr.data) > _TOL
-    return rows[keep], csr.indices[keep].astype(np.int64)
+    return _entry_rows(csr)[keep], csr.indices[keep].astype(np.int64)
 
 
 def _slots_from_support(src: np.ndarray, dst: np.ndarray, m: int) -> tuple[tuple, tuple]:
@@ -271,7 +275,7 @@ def _lookup(matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         csr = csr.copy()
         csr.sum_duplicates()
     n = csr.shape[1]
-    keys = np.repeat(np.arange(csr.shape[0], dtype=np.int64), np.diff(csr.indptr)) * n + csr.indices
+    keys = _entry_rows(csr) * n + csr.indices
     wanted = np.asarray(rows, np.int64) * n + np.asarray(cols, np.int64)
     if not len(keys):
         return np.zeros(len(wanted))
