@@ -263,17 +263,14 @@ def plan_for_support(support, m: int, v: int = 0, matchings=None) -> MixPlan:
     return plan._replace(shifts=(None,) * len(perms), sources=tuple(perms))
 
 
-def _lookup(matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``matrix[rows[k], cols[k]]`` for every k (0 where it has no entry), as a float array: a
-    binary search of the entries' ``row · n + column`` keys, which a canonical CSR holds in
-    increasing order (SciPy's own fancy indexing costs a tenth of a millisecond a call, and a
-    random schedule looks up every round's W)."""
+def _lookup(csr: sp.csr_array, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``csr[rows[k], cols[k]]`` for every k (0 where it has no entry) of a canonical CSR (as
+    :meth:`~coopsgd.core.operator.MixingMatrix.worker_offdiagonal` gives), as a float array: a
+    binary search of the entries' ``row · n + column`` keys, which it holds in increasing order
+    (SciPy's own fancy indexing costs a tenth of a millisecond a call, and a random schedule looks
+    up every round's W)."""
     if not len(rows):
         return np.zeros(0)
-    csr = matrix if isinstance(matrix, sp.csr_array) else sp.csr_array(matrix)
-    if not csr.has_canonical_format:
-        csr = csr.copy()
-        csr.sum_duplicates()
     n = csr.shape[1]
     keys = _entry_rows(csr) * n + csr.indices
     wanted = np.asarray(rows, np.int64) * n + np.asarray(cols, np.int64)
@@ -292,7 +289,7 @@ def _slot_coefficients(plan: MixPlan, w: MixingMatrix) -> np.ndarray:
     dst = np.broadcast_to(np.arange(m), src.shape)
     moved = src != dst
     coef = np.zeros(src.shape)
-    coef[moved] = w.c if w.form == "mean" else _lookup(w.worker_block(), src[moved], dst[moved])
+    coef[moved] = w.c if w.form == "mean" else _lookup(w.worker_offdiagonal(), src[moved], dst[moved])
     return coef
 
 

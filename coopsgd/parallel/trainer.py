@@ -302,8 +302,7 @@ class CooperativeSGD:
         """Run ``rounds`` rounds of ``length`` steps starting at round index ``r0`` with the program
         of ``chunk ≥ rounds`` rounds (the batches padded to its length, the rounds past ``rounds``
         not run)."""
-        leaves, treedef = jax.tree.flatten(batches)
-        signature = (treedef, tuple((x.shape, x.dtype) for x in leaves))
+        signature = _programs.avals(batches)
         if signature not in self._checked_batches:  # checked once per batch signature
             check_leading(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batches), self.m,
                           self.backend.fed_workers)
